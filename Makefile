@@ -1,0 +1,55 @@
+# segloop — the two commands a new user types are `make demo` and `make test`.
+# Both create .venv and install what is missing; nothing else is needed on a fresh machine.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATA   ?= .segloop
+PYTEST_ARGS ?=
+
+.PHONY: help install system-deps demo test test-fast prometheus bench clean
+
+help:
+	@echo "make demo   - install and run the whole loop locally (data, train, serve, monitor, retrain, promote)"
+	@echo "make test   - install and run the test suite"
+	@echo "make test-fast - tests without those marked slow"
+	@echo "make prometheus - run Prometheus against the local Ray cluster (monitoring/prometheus.yml)"
+	@echo "make bench  - run the benchmarks in bench/"
+
+# torch/torchvision are pinned in pyproject.toml; pip takes them from the local wheel index.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) system-deps
+
+# Prometheus and promtool come from Debian's package (used by the monitoring tests and `make prometheus`).
+system-deps:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "installing Debian's prometheus package (prometheus + promtool)"; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	  || echo "warning: could not install prometheus; the promtool/prometheus tests will fail"; }
+
+demo: install
+	$(PY) -m serve_app.demo --data-dir $(DATA)/demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+prometheus: install
+	prometheus --config.file=monitoring/prometheus.yml --storage.tsdb.path=$(DATA)/prometheus \
+	  --web.listen-address=127.0.0.1:9090
+
+bench: install
+	$(PY) bench/train_throughput.py
+	$(PY) bench/serve.py
+
+clean:
+	rm -rf $(VENV) $(DATA) .pytest_cache

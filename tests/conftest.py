@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny generated datasets, one local Ray cluster per session, MLflow, S3.
+
+Everything runs for real on 127.0.0.1: Ray, MLflow on SQLite, moto's S3 server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+# Keep torch and Ray from oversubscribing the 2-core CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pets_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from train.data.synth import generate_pets
+
+    return generate_pets(tmp_path_factory.mktemp("data") / "pets", n=96, seed=0, size=64)
+
+
+@pytest.fixture(scope="session")
+def pets_shift_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from train.data.synth import generate_pets
+
+    return generate_pets(tmp_path_factory.mktemp("data") / "pets_shift", n=96, seed=1, size=64, shift=True)
+
+
+@pytest.fixture(scope="session")
+def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from train.data.synth import generate_coco
+
+    return generate_coco(tmp_path_factory.mktemp("data") / "coco", n=16, seed=0, size=96)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One local Ray cluster for the whole session (4 logical CPUs on the 2-core machine)."""
+    import ray
+
+    metrics_port = free_port()
+    ctx = ray.init(
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _metrics_export_port=metrics_port,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        log_to_driver=True,
+    )
+    ctx.metrics_export_port = metrics_port  # type: ignore[attr-defined]
+    yield ctx
+    ray.shutdown()
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    """A fresh segloop data dir: MLflow SQLite + artifacts + Ray results live here."""
+    d = tmp_path / "segloop"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from tests.s3server import start_s3_server
+
+    srv = start_s3_server()
+    yield srv
+    srv.stop()

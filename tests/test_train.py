@@ -1,0 +1,180 @@
+"""The Ray Train job end to end: MLflow tracking, registry, promotion, rollback, fault tolerance.
+
+Runs on the session's local Ray cluster with 2 CPU workers and tiny synthetic data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from train.config import TrainConfig, load_config
+from train.errors import ConfigError, DatasetError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pets_cfg(pets_root: Path, data_dir: Path, **kw) -> TrainConfig:
+    base = dict(
+        task="semantic", dataset=str(pets_root), image_size=64, epochs=8, batch_size=4, lr=0.01,
+        bn_momentum=0.1, num_workers=2, data_dir=str(data_dir), experiment="test-pets",
+        registered_model="test-pets", patience=0, seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ----------------------------------------------------------------------------- bad input, no Ray needed
+def test_config_rejects_unknown_keys_and_bad_types(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("dataset: x\nepochs: many\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, f)
+    assert "epochs" in str(e.value) and "learning_rate: unknown key" in str(e.value)
+    with pytest.raises(ConfigError, match="dataset"):
+        load_config(TrainConfig, None, ["epochs=2"])
+
+
+def test_cli_reports_config_errors_with_exit_2(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("[not, a, mapping]\n")
+    out = subprocess.run([sys.executable, "-m", "train", "--config", str(f)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert "must hold a mapping" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_dataset_fails_before_work(tmp_path: Path) -> None:
+    from train.job import resolve_dataset
+
+    with pytest.raises(DatasetError, match="does not exist"):
+        resolve_dataset(TrainConfig(dataset=str(tmp_path / "nope")))
+
+
+def test_unreachable_mlflow_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import free_port
+    from train import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="not reachable"):
+        tracking.setup(tmp_path, "x")
+    assert time.time() - t0 < 30
+
+
+def test_promotion_rule() -> None:
+    from train.registry import decide
+
+    assert decide(0.5, None, 0.0)[0]
+    assert decide(0.6, 0.5, 0.05)[0]
+    assert not decide(0.52, 0.5, 0.05)[0]
+    assert not decide(0.5, 0.5, 0.0)[0]  # a tie does not replace the champion
+    assert not decide(float("nan"), 0.5, 0.0)[0]
+
+
+# ----------------------------------------------------------------------------- Ray
+def test_too_many_workers_is_rejected(ray_cluster, pets_root: Path, data_dir: Path) -> None:
+    from train.job import check_resources
+
+    with pytest.raises(ConfigError, match="needs 64 CPUs"):
+        check_resources(pets_cfg(pets_root, data_dir, num_workers=64), use_gpu=False)
+    with pytest.raises(ConfigError, match="GPUs"):
+        check_resources(pets_cfg(pets_root, data_dir, num_workers=1), use_gpu=True)
+
+
+@pytest.mark.slow
+def test_pets_train_track_register_promote_rollback(ray_cluster, pets_root: Path, data_dir: Path) -> None:
+    import torch
+
+    from train import registry
+    from train.job import evaluate_on_holdout, run
+    from train.models import build_model
+
+    cfg = pets_cfg(pets_root, data_dir)
+    result = run(cfg)
+
+    # learned something: clearly better than the same architecture untrained, on held-out data
+    torch.manual_seed(0)
+    untrained = evaluate_on_holdout(cfg.model_dump(mode="json"), str(pets_root),
+                                    build_model(cfg.model, 3).state_dict(), 3, ["background", "pet", "border"])
+    assert result.holdout["val_miou"] > untrained["metrics"]["val_miou"] + 0.1, (result.holdout, untrained["metrics"])
+    assert result.promoted and result.model_version == "1"
+
+    client = mlflow.MlflowClient()
+    run_ = client.get_run(result.run_id)
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["lr"] == "0.01" and run_.data.params["num_workers"] == "2"
+    hist = client.get_metric_history(result.run_id, "val_miou")
+    assert [m.step for m in hist] == list(range(cfg.epochs))
+    assert any(k.startswith("system/") for k in run_.data.metrics), "system metrics were not logged"
+    assert math.isfinite(run_.data.metrics["holdout_miou"])
+    arts = {a.path for a in client.list_artifacts(result.run_id, "report")}
+    assert {"report/report.md", "report/confusion_matrix.png", "report/training_curves.png"} <= arts
+    inputs = run_.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.name == "pets" and len(inputs[0].dataset.digest) > 8
+    assert registry.champion_version("test-pets") == "1"
+    model, meta, version = registry.load_version("test-pets", "champion")
+    assert version == "1" and meta.class_names == ["background", "pet", "border"]
+
+    # a deliberately worse challenger is not promoted, and says why
+    worse = run(pets_cfg(pets_root, data_dir, epochs=1, lr=1e-6, num_workers=1))
+    assert worse.promoted is False and worse.model_version == "2"
+    mv = client.get_model_version("test-pets", "2")
+    assert mv.tags["segloop.decision"] == "rejected" and "does not beat champion" in mv.tags["segloop.reason"]
+    assert float(mv.tags["segloop.champion_score"]) > float(mv.tags["segloop.challenger_score"])
+    assert registry.champion_version("test-pets") == "1"
+
+    # rollback: promote v2 by hand (as an operator would), then roll back to v1 through the CLI
+    registry.record_decision("test-pets", registry.Decision(True, "2", 0.0, "1", 0.0, 0.0, "val_miou", "manual"))
+    assert registry.champion_version("test-pets") == "2"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
+    out = subprocess.run([sys.executable, "-m", "train", "rollback", "--model", "test-pets"],
+                         capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "from version 2 to version 1" in out.stdout
+    assert registry.champion_version("test-pets") == "1"
+
+
+@pytest.mark.slow
+def test_worker_failure_resumes_from_checkpoint(ray_cluster, pets_root: Path, data_dir: Path) -> None:
+    from train.job import run
+
+    cfg = pets_cfg(pets_root, data_dir, epochs=3, fail_at_epoch=2, max_failures=1, run_name="faulty",
+                   registered_model="test-faulty", promote=False)
+    result = run(cfg)
+    assert result.epochs_run == 3
+    ckpts = sorted((data_dir / "ray_results" / "faulty").glob("checkpoint_*"))
+    assert ckpts, "no checkpoints were kept"
+    hist = mlflow.MlflowClient().get_metric_history(result.run_id, "val_miou")
+    assert sorted({m.step for m in hist}) == [0, 1, 2]
+
+    # re-running with the same run name resumes: the same MLflow run, training continues at epoch 4
+    more = run(cfg.model_copy(update={"epochs": 4, "fail_at_epoch": None}))
+    assert more.run_id == result.run_id and more.epochs_run == 4
+    hist = mlflow.MlflowClient().get_metric_history(result.run_id, "val_miou")
+    assert sorted({m.step for m in hist}) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_light_maskrcnn_trains_one_epoch_and_logs_coco_map(ray_cluster, coco_root: Path, data_dir: Path) -> None:
+    from train.job import run
+
+    cfg = TrainConfig(
+        task="instance", dataset=str(coco_root), dataset_name="coco", model="maskrcnn_mobilenet_v3_large_fpn",
+        model_kwargs={"min_size": 96, "max_size": 96}, epochs=1, batch_size=4, lr=1e-3, num_workers=1,
+        data_dir=str(data_dir), experiment="test-coco", registered_model="test-coco",
+    )
+    result = run(cfg)
+    run_ = mlflow.MlflowClient().get_run(result.run_id)
+    for key in ("val_segm_mAP50-95", "val_bbox_mAP50", "val_fitness", "holdout_segm_mAP50-95"):
+        assert key in run_.data.metrics and math.isfinite(run_.data.metrics[key]), key
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "report")}
+    assert {"report/pr_curve.png", "report/f1_confidence.png", "report/confusion_matrix.png"} <= arts
+    assert result.model_version == "1" and result.promoted

@@ -1,0 +1,244 @@
+"""One epoch of training and one pass of evaluation, for both tasks.
+
+Small free functions in the spirit of torchvision's ``references/`` scripts. They know
+nothing about Ray: the Ray Train loop (``train.loop``), the promotion step
+(``train.registry``) and the benchmarks call them with a model, a loader and a device.
+Under DDP each rank sees its shard; the returned metrics are already reduced across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.metrics.instance import CocoEvaluator, InstanceConfusionMatrix, concat_matches, fitness, match_detections, pr_curves
+from train.metrics.semantic import ConfusionMatrix, semantic_metrics
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs that support it, fp16 otherwise; a no-op on CPU."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def needs_grad_scaler(device: torch.device, amp: bool) -> bool:
+    """fp16 autocast needs loss scaling; bf16 has fp32's range and does not."""
+    return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+def to_device(images: Any, targets: Any, device: torch.device) -> tuple[Any, Any]:
+    """Move a semantic batch (tensors) or an instance batch (lists of tensors/dicts)."""
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def batch_size_of(images: Any) -> int:
+    return images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+
+
+def _instance_losses(model: nn.Module, images: list, targets: list) -> dict[str, torch.Tensor]:
+    losses = model(images, targets)
+    return {"loss/" + k.removeprefix("loss_"): v for k, v in losses.items()}
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    task: str,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = False,
+    max_grad_norm: float | None = 10.0,
+) -> dict[str, float]:
+    """Train for one pass over ``loader``; the scheduler steps per iteration.
+
+    Returns the mean loss (and its components), the number of images this rank saw and
+    the wall time, so the caller can report images/s.
+    """
+    model.train()
+    sums: dict[str, float] = {}
+    n_images, n_batches, t0 = 0, 0, time.perf_counter()
+    for images, targets in loader:
+        images, targets = to_device(images, targets, device)
+        with autocast(device, amp):
+            if task == "semantic":
+                logits = model(images)
+                loss = criterion(logits.float(), targets)
+                parts = {k: v for k, v in criterion.components.items() if k != "loss/total"}
+            else:
+                parts = _instance_losses(model, images, targets)
+                loss = sum(parts.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate (lr) or turn amp off")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n_images += batch_size_of(images)
+        n_batches += 1
+    out = {k: v / max(n_batches, 1) for k, v in sums.items()}
+    out = _mean_across_ranks(out)
+    out["images"] = _sum_across_ranks(float(n_images))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+@torch.inference_mode()
+def evaluate_semantic(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    num_classes: int,
+    class_names: Sequence[str],
+    criterion: nn.Module | None = None,
+    amp: bool = False,
+    ignore_index: int = 255,
+) -> tuple[dict[str, float], ConfusionMatrix]:
+    """Validation loss, pixel accuracy, per-class and mean IoU/Dice, reduced over ranks."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, class_names=class_names)
+    loss_sum, n = 0.0, 0
+    for images, targets in loader:
+        images, targets = to_device(images, targets, device)
+        with autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        if criterion is not None:
+            loss_sum += float(criterion(logits, targets)) * images.shape[0]
+        n += images.shape[0]
+        cm.update(logits.argmax(1), targets)
+    cm.reduce_from_all_processes()
+    metrics = semantic_metrics(cm.mat, class_names)
+    out = {f"val_{_key(k)}": v for k, v in metrics.items()}
+    if criterion is not None:
+        loss_sum, n = _sum_across_ranks(loss_sum), _sum_across_ranks(float(n))
+        out["val_loss"] = loss_sum / max(n, 1)
+    return out, cm
+
+
+def _bn_eval(model: nn.Module) -> list[nn.Module]:
+    changed = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in changed:
+        m.eval()
+    return changed
+
+
+@torch.inference_mode()
+def evaluate_instance(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    coco_gt: Any,
+    label_to_cat_id: dict[int, int],
+    num_classes: int,
+    with_loss: bool = True,
+    with_curves: bool = False,
+    amp: bool = False,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """COCO bbox/segm mAP (pycocotools), validation loss and, optionally, the curves.
+
+    The validation loss comes from a train-mode forward with BatchNorm kept in eval mode,
+    since torchvision's detection models only return losses in train mode.
+    Returns ``(metrics, extras)`` where extras holds the evaluator, the PR/F1 curves and
+    the IoU-matched confusion matrix when ``with_curves``.
+    """
+    evaluator = CocoEvaluator(coco_gt, ("bbox", "segm"), label_to_cat_id)
+    icm = InstanceConfusionMatrix(num_classes) if with_curves else None
+    matches: list[dict] = []
+    loss_sum, n = 0.0, 0
+    for images, targets in loader:
+        images, targets = to_device(images, targets, device)
+        if with_loss:
+            model.train()
+            bns = _bn_eval(model)
+            with autocast(device, amp):
+                loss_sum += float(sum(model(images, targets).values())) * len(images)
+            for m in bns:
+                m.train()
+        model.eval()
+        with autocast(device, amp):
+            outputs = model(images)
+        outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
+        cpu_targets = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+        evaluator.update({int(t["image_id"]): o for t, o in zip(cpu_targets, outputs)})
+        if with_curves:
+            icm.update(outputs, cpu_targets)
+            matches += [match_detections(o, t) for o, t in zip(outputs, cpu_targets)]
+        n += len(images)
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    stats = evaluator.stats()
+    out = {f"val_{_key(k)}": v for k, v in stats.items()}
+    out["val_fitness"] = fitness(stats, "segm")
+    if with_loss:
+        out["val_loss"] = _sum_across_ranks(loss_sum) / max(_sum_across_ranks(float(n)), 1)
+    extras: dict[str, Any] = {"evaluator": evaluator}
+    if with_curves:
+        icm.reduce_from_all_processes()
+        extras["confusion_matrix"] = icm
+        extras["curves"] = pr_curves(**concat_matches(_gather_list(matches)), classes=list(range(1, num_classes)))
+    return out, extras
+
+
+def _key(k: str) -> str:
+    """MLflow/Ray-friendly metric key: ``segm/AP/ball`` -> ``segm_AP_ball``."""
+    return k.replace("/", "_").replace(" ", "_")
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sum_across_ranks(x: float) -> float:
+    if not _dist():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _mean_across_ranks(d: dict[str, float]) -> dict[str, float]:
+    if not _dist():
+        return d
+    w = dist.get_world_size()
+    return {k: _sum_across_ranks(v) / w for k, v in sorted(d.items())}
+
+
+def _gather_list(items: list) -> list:
+    if not _dist():
+        return items
+    gathered: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]

@@ -1,0 +1,254 @@
+"""The MLflow model registry: logging, loading, champion/challenger promotion, rollback.
+
+A segloop model version is an MLflow pyfunc whose artifacts are a ``state_dict.pt`` and a
+``segloop_model.json`` (architecture name, task, classes, input size). Loading rebuilds
+the architecture from the registry (``train.models``) and reads the weights with
+``torch.load(weights_only=True)``: no pickled code is executed, whoever wrote the file.
+
+Promotion uses aliases (stages are deprecated): the version holding ``champion`` serves.
+A challenger takes the alias only if it beats the champion by ``margin`` on the same
+held-out data; the decision, both scores and the reason are tags on the challenger.
+``python -m train rollback --model NAME`` moves ``champion`` back to the version it
+replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.errors import ModelError
+
+CHAMPION = "champion"
+WEIGHTS_FILE = "state_dict.pt"
+META_FILE = "segloop_model.json"
+
+
+@dataclass
+class ModelMeta:
+    """What serving and evaluation need to rebuild and feed a model."""
+
+    model: str
+    task: str
+    num_classes: int
+    class_names: list[str]
+    image_size: int
+    model_kwargs: dict = field(default_factory=dict)
+    metric: str = "val_miou"
+    dataset: dict = field(default_factory=dict)
+
+
+@dataclass
+class Decision:
+    """Outcome of one champion/challenger comparison (also written as version tags)."""
+
+    promoted: bool
+    challenger_version: str
+    challenger_score: float
+    champion_version: str | None
+    champion_score: float | None
+    margin: float
+    metric: str
+    reason: str
+
+
+def build_from_state(meta: ModelMeta, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    from train.models import build_model
+
+    model = build_model(meta.model, meta.num_classes, **meta.model_kwargs)
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+class SegmentationPyfunc:
+    """MLflow pyfunc wrapper: ``predict`` takes uint8 RGB images [B,H,W,3] (or one [H,W,3]).
+
+    Semantic models return the class-index masks [B,H,W] (uint8) at the input size;
+    instance models return, per image, a list of ``{label, score, box}`` dicts.
+    """
+
+    def load_context(self, context: Any) -> None:
+        self.meta = ModelMeta(**json.loads(Path(context.artifacts["meta"]).read_text()))
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.model = build_from_state(self.meta, state)
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+        from train.transforms import eval_transforms
+
+        images = np.asarray(model_input, dtype=np.uint8)
+        if images.ndim == 3:
+            images = images[None]
+        tf = eval_transforms(self.meta.task, self.meta.image_size)
+        outs = []
+        with torch.inference_mode():
+            for img in images:
+                x = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+                dummy = torch.zeros(x.shape[1:], dtype=torch.int64) if self.meta.task == "semantic" else _empty_target()
+                xt, _ = tf(x, dummy)
+                if self.meta.task == "semantic":
+                    logits = self.model(xt[None])
+                    logits = torch.nn.functional.interpolate(logits, size=x.shape[1:], mode="bilinear", align_corners=False)
+                    outs.append(logits.argmax(1)[0].to(torch.uint8).numpy())
+                else:
+                    o = self.model([xt])[0]
+                    outs.append([
+                        {"label": int(lb), "score": float(s), "box": [float(v) for v in b]}
+                        for lb, s, b in zip(o["labels"], o["scores"], o["boxes"])
+                    ])
+        return np.stack(outs) if self.meta.task == "semantic" else outs
+
+
+def _empty_target() -> dict[str, torch.Tensor]:
+    return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 1, 1, dtype=torch.uint8)}
+
+
+def _pyfunc_class():
+    """Make the pyfunc a real ``mlflow.pyfunc.PythonModel`` without importing mlflow at import time."""
+    import mlflow.pyfunc
+
+    return type("SegmentationPyfunc", (SegmentationPyfunc, mlflow.pyfunc.PythonModel), {"__module__": __name__})
+
+
+def log_model(
+    state_dict: dict[str, torch.Tensor],
+    meta: ModelMeta,
+    registered_model: str,
+    example: np.ndarray,
+) -> str:
+    """Log the model to the active run (MLflow 3 ``name=``) and register it; returns the version."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    with tempfile.TemporaryDirectory() as d:
+        wpath, mpath = Path(d) / WEIGHTS_FILE, Path(d) / META_FILE
+        torch.save(state_dict, wpath)
+        mpath.write_text(json.dumps(asdict(meta), indent=2))
+        inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
+        outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]) if meta.task == "semantic" else None
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=_pyfunc_class()(),
+            artifacts={"weights": str(wpath), "meta": str(mpath)},
+            signature=ModelSignature(inputs=inputs, outputs=outputs),
+            input_example=example,
+            registered_model_name=registered_model,
+            pip_requirements=["segloop", "torch", "torchvision", "mlflow"],
+        )
+    version = str(info.registered_model_version)
+    _wait_ready(registered_model, version)
+    return version
+
+
+def _wait_ready(name: str, version: str, timeout_s: float = 60) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if client.get_model_version(name, version).status == "READY":
+            return
+        time.sleep(0.2)
+    raise ModelError(f"model {name} version {version} did not become READY in {timeout_s}s")
+
+
+def champion_version(name: str) -> str | None:
+    """The version holding ``champion``, or None (no model or no champion yet)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def resolve_version(name: str, ref: str | int | None = None) -> str:
+    """``ref`` may be a version number, an alias (``champion``) or None (= champion)."""
+    ref = CHAMPION if ref in (None, "") else str(ref)
+    if ref.isdigit():
+        return ref
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, ref).version)
+    except MlflowException as err:
+        raise ModelError(f"registered model {name!r} has no version with alias {ref!r}: {err.message}") from None
+
+
+def load_version(name: str, ref: str | int | None = None) -> tuple[torch.nn.Module, ModelMeta, str]:
+    """Rebuild ``name`` at version/alias ``ref`` from the registry (weights_only load)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    version = resolve_version(name, ref)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    except MlflowException as err:
+        raise ModelError(f"cannot download model {name} version {version}: {err.message}") from None
+    weights = next(local.rglob(WEIGHTS_FILE), None)
+    meta_file = next(local.rglob(META_FILE), None)
+    if weights is None or meta_file is None:
+        raise ModelError(f"model {name} version {version} is not a segloop model (no {WEIGHTS_FILE}/{META_FILE})")
+    meta = ModelMeta(**json.loads(meta_file.read_text()))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    return build_from_state(meta, state), meta, version
+
+
+def decide(
+    challenger_score: float, champion_score: float | None, margin: float
+) -> tuple[bool, str]:
+    """Pure promotion rule: promote when there is no champion or challenger >= champion + margin."""
+    if champion_score is None:
+        return True, "no champion yet: the first model becomes champion"
+    if not math.isfinite(challenger_score):
+        return False, f"challenger score is {challenger_score}"
+    if challenger_score >= champion_score + margin and (margin > 0 or challenger_score > champion_score):
+        return True, f"challenger {challenger_score:.4f} beats champion {champion_score:.4f} by >= {margin}"
+    return False, f"challenger {challenger_score:.4f} does not beat champion {champion_score:.4f} by {margin} (margin)"
+
+
+def record_decision(name: str, d: Decision, move_alias: bool = True) -> None:
+    """Write the decision as tags on the challenger and move ``champion`` if promoted."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    tags = {
+        "segloop.decision": "promoted" if d.promoted else "rejected",
+        "segloop.reason": d.reason,
+        "segloop.metric": d.metric,
+        "segloop.challenger_score": f"{d.challenger_score:.6f}",
+        "segloop.champion_score": "" if d.champion_score is None else f"{d.champion_score:.6f}",
+        "segloop.champion_version": d.champion_version or "",
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(name, d.challenger_version, k, v)
+    if d.promoted and move_alias:
+        if d.champion_version:
+            client.set_model_version_tag(name, d.challenger_version, "segloop.previous_champion", d.champion_version)
+        client.set_registered_model_alias(name, CHAMPION, d.challenger_version)
+
+
+def rollback(name: str) -> tuple[str, str]:
+    """Move ``champion`` back to the version the current champion replaced. Returns (from, to)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    current = champion_version(name)
+    if current is None:
+        raise ModelError(f"registered model {name!r} has no champion to roll back")
+    previous = client.get_model_version(name, current).tags.get("segloop.previous_champion")
+    if not previous:
+        raise ModelError(f"{name} version {current} replaced no earlier champion; nothing to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_model_version_tag(name, current, "segloop.rolled_back", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return current, previous

@@ -78,3 +78,14 @@ def s3_server():
     srv = start_s3_server()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uri():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; don't let one test's store leak into the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -1,0 +1,353 @@
+"""Serving benchmark: this Serve app vs a one-request-at-a-time Flask server vs the in-process limit.
+
+All three run the same model (same weights, loaded with ``serve_app.model.load_model``) on
+the same JPEG images and do the same work per image: decode, eval transforms, forward,
+mask upsampling, PNG/base64 and JSON. They run one after another so they never share the CPU.
+
+* **serve**: ``serve_app`` deployed on a local Ray instance; HTTP clients at each concurrency.
+* **flask**: the original design, a single-threaded Flask server (``threaded=False``) that
+  predicts each request alone (batch of 1) - a subprocess, same HTTP clients.
+* **in-process**: decode + batched forward + postprocess in a loop, no HTTP (the limit).
+
+    python bench/serve.py --requests 200 --concurrency 1,8,32 --model lraspp_mobilenet_v3_large --image-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_checkpoint(model_name: str, image_size: int, out: Path, seed: int = 0) -> Path:
+    """An untrained model in train/loop.py's checkpoint format (no downloads, no MLflow)."""
+    import torch
+
+    from train.models import build_model, model_task
+
+    task = model_task(model_name)
+    classes = ["background", "pet", "border"] if task == "semantic" else ["background", "ball", "box", "tri"]
+    kwargs = {} if task == "semantic" else {"min_size": image_size, "max_size": image_size, "box_detections_per_img": 20}
+    torch.manual_seed(seed)
+    model = build_model(model_name, len(classes), **kwargs)
+    path = out / "bench_model.pt"
+    torch.save({
+        "model": model.state_dict(),
+        "config": {"model": model_name, "task": task, "image_size": image_size, "model_kwargs": kwargs},
+        "num_classes": len(classes),
+        "class_names": classes,
+    }, path)
+    return path
+
+
+def make_images(n: int, size: int) -> list[bytes]:
+    from train.data.synth import render_pet
+
+    out = []
+    for i in range(n):
+        img, _ = render_pet(1000 + i, size)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def settings(checkpoint: Path, batch: int, threads: int, wait_s: float):
+    from serve_app.config import ModelSettings
+
+    return ModelSettings(
+        model_uri=f"checkpoint:{checkpoint}", poll_interval_s=0, max_batch_size=batch,
+        batch_wait_timeout_s=wait_s, torch_threads=threads,
+    )
+
+
+def machine_info() -> dict[str, str]:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "gpu": gpu, "torch": torch.__version__, "load_1min": f"{load:.1f}"}
+
+
+# ----------------------------------------------------------------------------- load generation
+
+
+def summarize(latencies: list[float], wall_s: float, errors: int) -> dict[str, float]:
+    lat = np.asarray(latencies) * 1000
+    return {
+        "n": len(latencies),
+        "errors": errors,
+        "throughput": len(latencies) / wall_s if wall_s > 0 else float("nan"),
+        "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p95": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
+        "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+    }
+
+
+def drive_http(url: str, images: list[bytes], requests_n: int, concurrency: int, headers: dict | None = None) -> dict:
+    """``concurrency`` closed-loop clients send ``requests_n`` requests in total."""
+    import requests
+
+    counter = iter(range(requests_n))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors = [0]
+    local = threading.local()
+
+    def worker() -> None:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            r = session.post(url, data=images[i % len(images)], headers=headers or {}, timeout=300)
+            dt = time.perf_counter() - t0
+            with lock:
+                if r.status_code == 200:
+                    latencies.append(dt)
+                else:
+                    errors[0] += 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(worker) for _ in range(concurrency)]:
+            f.result()
+    return summarize(latencies, time.perf_counter() - t0, errors[0])
+
+
+def bench_in_process(checkpoint: Path, images: list[bytes], requests_n: int, batch: int, threads: int) -> dict:
+    import torch
+
+    from serve_app.imaging import ImageLimits
+    from serve_app.model import load_model, predict_bytes
+
+    torch.set_num_threads(threads)
+    lm = load_model(settings(checkpoint, batch, threads, 0))
+    limits = ImageLimits()
+    for _ in range(2):  # warm-up
+        predict_bytes(lm, images[:batch], limits)
+    latencies = []
+    t0 = time.perf_counter()
+    done = 0
+    while done < requests_n:
+        chunk = [images[(done + k) % len(images)] for k in range(min(batch, requests_n - done))]
+        t1 = time.perf_counter()
+        for r in predict_bytes(lm, chunk, limits):
+            json.dumps(r)
+        dt = time.perf_counter() - t1
+        latencies += [dt] * len(chunk)  # every image of a batch is done when the batch is
+        done += len(chunk)
+    return summarize(latencies, time.perf_counter() - t0, 0)
+
+
+# ----------------------------------------------------------------------------- flask (the original design)
+
+
+def flask_server(checkpoint: str, port: int, threads: int) -> None:
+    """One request at a time, batch of one: what segloop served with before Ray Serve."""
+    import torch
+    from flask import Flask, Response, request
+
+    from serve_app.imaging import ImageLimits, ImageRejected, decode_image
+    from serve_app.model import load_model, run_batch
+
+    torch.set_num_threads(threads)
+    lm = load_model(settings(Path(checkpoint), 1, threads, 0))
+    limits = ImageLimits()
+    app = Flask("segloop-flask")
+
+    @app.post("/predict")
+    def predict():  # noqa: ANN202
+        try:
+            image = decode_image(request.get_data(), limits)
+        except ImageRejected as err:
+            return Response(json.dumps(err.to_json()), err.status, mimetype="application/json")
+        results, _ = run_batch(lm, [image])
+        return Response(json.dumps(results[0]), 200, mimetype="application/json")
+
+    @app.get("/healthz")
+    def healthz():  # noqa: ANN202
+        return {"status": "ok"}
+
+    app.run(host="127.0.0.1", port=port, threaded=False, processes=1)
+
+
+def start_flask(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    import requests
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--flask-server", str(checkpoint), "--port", str(port), "--threads", str(threads)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                return proc, url + "/predict"
+        except requests.RequestException:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError("flask server did not start")
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def start_serve(checkpoint: Path, batch: int, threads: int, wait_s: float, max_concurrency: int) -> str:
+    import ray
+
+    from serve_app.app import deploy
+    from serve_app.config import AppArgs
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    model = settings(checkpoint, batch, threads, wait_s).model_dump()
+    args = AppArgs(
+        model=model, model_num_replicas=1, model_num_cpus=1, ingress_num_cpus=0,
+        model_max_ongoing_requests=max(batch, 16), model_max_queued_requests=max(4 * max_concurrency, 64),
+    )
+    deploy(args, "segloop-bench", "/", http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}/predict"
+
+
+def stop_serve() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(info: dict, results: dict, concurrency: list[int], batch: int, args: argparse.Namespace) -> str:
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}, torch {info['torch']}, "
+        f"1-min load before the run: {info['load_1min']}",
+        f"Model: {args.model} (untrained), input {args.image_size}px, uploads {args.source_size}px JPEG, "
+        f"{args.requests} requests per cell, torch threads {args.threads}, max batch {batch}",
+        "",
+        "| system | concurrency | throughput (img/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in results.items():
+        system, c = key
+        lines.append(
+            f"| {system} | {c} | {r['throughput']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['errors']} |"
+        )
+    limit = results.get(("in-process (batched)", f"batch {batch}"))
+    lines.append("")
+    for c in concurrency:
+        s, f = results.get(("serve", c)), results.get(("flask", c))
+        parts = [f"concurrency {c}:"]
+        if s and limit:
+            ratio = s["throughput"] / limit["throughput"]
+            parts.append(f"serve/in-process = {ratio:.2f}" + (" (target >= 0.8: " + ("met" if ratio >= 0.8 else "NOT met") + ")" if c == 8 else ""))
+        if s and f:
+            ratio = s["throughput"] / f["throughput"]
+            parts.append(f"serve/flask = {ratio:.2f}" + (" (target >= 1.3: " + ("met" if ratio >= 1.3 else "NOT met") + ")" if c == 8 else ""))
+        lines.append("- " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=200, help="requests per (system, concurrency) cell")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--model", default="lraspp_mobilenet_v3_large")
+    p.add_argument("--image-size", type=int, default=256, help="model input size (semantic resize)")
+    p.add_argument("--source-size", type=int, default=256, help="size of the uploaded JPEGs")
+    p.add_argument("--batch", type=int, default=8, help="max batch size (serve and in-process)")
+    p.add_argument("--wait-ms", type=float, default=5.0, help="serve batch_wait_timeout_s in ms")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads everywhere")
+    p.add_argument("--systems", default="in-process,flask,serve")
+    p.add_argument("--images", type=int, default=32, help="distinct images cycled through")
+    p.add_argument("--checkpoint", help="use this segloop checkpoint instead of an untrained model")
+    p.add_argument("--flask-server", metavar="CHECKPOINT", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.flask_server:
+        flask_server(args.flask_server, args.port, args.threads)
+        return 0
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    info = machine_info()
+    tmp = Path(tempfile.mkdtemp(prefix="segloop-bench-"))
+    checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(args.model, args.image_size, tmp)
+    images = make_images(args.images, args.source_size)
+    warm = max(args.batch * 2, 8)
+    results: dict = {}
+
+    if "in-process" in systems:
+        print("in-process ...", file=sys.stderr, flush=True)
+        results[("in-process (batched)", f"batch {args.batch}")] = bench_in_process(checkpoint, images, args.requests, args.batch, args.threads)
+        results[("in-process (batched)", "batch 1")] = bench_in_process(checkpoint, images, max(args.requests // 2, 1), 1, args.threads)
+    if "flask" in systems:
+        print("flask ...", file=sys.stderr, flush=True)
+        proc, url = start_flask(checkpoint, args.threads)
+        try:
+            drive_http(url, images, warm, 1)
+            for c in concurrency:
+                results[("flask", c)] = drive_http(url, images, args.requests, c)
+        finally:
+            proc.kill()
+            proc.wait()
+    if "serve" in systems:
+        print("serve ...", file=sys.stderr, flush=True)
+        url = start_serve(checkpoint, args.batch, args.threads, args.wait_ms / 1000, max(concurrency))
+        try:
+            drive_http(url, images, warm * 2, max(concurrency))
+            for c in concurrency:
+                results[("serve", c)] = drive_http(url, images, args.requests, c)
+        finally:
+            stop_serve()
+    print(table(info, results, concurrency, args.batch, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

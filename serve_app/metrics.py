@@ -1,0 +1,103 @@
+"""Prometheus metrics of the serving app, through Ray's metrics (``ray.serve.metrics``).
+
+Ray exports them on each node's metrics endpoint with a ``ray_`` prefix (counters also get
+``_total``), and ``ray.serve.metrics`` adds the ``deployment``, ``replica`` and
+``application`` tags. Ray Serve's built-in ``ray_serve_*`` metrics are untouched.
+
+Objects are created lazily, once per process (a replica), never at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+UNIT_BOUNDARIES = [round(0.05 * i, 2) for i in range(1, 20)] + [0.99]
+LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+# Ray-side names; Prometheus sees "ray_" + name (+ "_total" for counters, "_bucket/_sum/_count" for histograms).
+PREDICTIONS = "segloop_predictions"
+REQUEST_LATENCY = "segloop_request_latency_s"
+MODEL_LATENCY = "segloop_model_latency_s"
+CONFIDENCE = "segloop_confidence"
+ENTROPY = "segloop_entropy"
+BATCH_SIZE = "segloop_batch_size"
+REJECTIONS = "segloop_rejections"
+
+
+@dataclass
+class IngressMetrics:
+    predictions: Any
+    request_latency: Any
+    rejections: Any
+
+    def ok(self, version: str, task: str, latency_s: float) -> None:
+        self.predictions.inc(1, tags={"model_version": version, "task": task, "status": "ok"})
+        self.request_latency.observe(latency_s, tags={"model_version": version})
+
+    def rejected(self, reason: str, version: str, task: str) -> None:
+        self.rejections.inc(1, tags={"reason": reason})
+        self.predictions.inc(1, tags={"model_version": version, "task": task, "status": "error"})
+
+
+@dataclass
+class ModelMetrics:
+    model_latency: Any
+    batch_size: Any
+    confidence: Any
+    entropy: Any
+
+    def batch(self, version: str, size: int, latency_s: float) -> None:
+        tags = {"model_version": version}
+        self.batch_size.observe(size, tags=tags)
+        self.model_latency.observe(latency_s, tags=tags)
+
+    def image(self, version: str, confidence: float, entropy: float) -> None:
+        tags = {"model_version": version}
+        self.confidence.observe(confidence, tags=tags)
+        self.entropy.observe(entropy, tags=tags)
+
+
+@functools.cache
+def ingress_metrics() -> IngressMetrics:
+    from ray.serve.metrics import Counter, Histogram
+
+    return IngressMetrics(
+        predictions=Counter(
+            PREDICTIONS, description="Predictions answered, by model version, task and status (ok|error).",
+            tag_keys=("model_version", "task", "status"),
+        ),
+        request_latency=Histogram(
+            REQUEST_LATENCY, description="End-to-end latency of successful /predict requests in the ingress (s).",
+            boundaries=LATENCY_BOUNDARIES, tag_keys=("model_version",),
+        ),
+        rejections=Counter(
+            REJECTIONS, description="Rejected /predict requests by reason.", tag_keys=("reason",),
+        ),
+    )
+
+
+@functools.cache
+def model_metrics() -> ModelMetrics:
+    from ray.serve.metrics import Histogram
+
+    return ModelMetrics(
+        model_latency=Histogram(
+            MODEL_LATENCY, description="One batched forward pass incl. softmax and mask upsampling (s).",
+            boundaries=LATENCY_BOUNDARIES, tag_keys=("model_version",),
+        ),
+        batch_size=Histogram(
+            BATCH_SIZE, description="Images per batched forward pass.", boundaries=BATCH_BOUNDARIES,
+            tag_keys=("model_version",),
+        ),
+        confidence=Histogram(
+            CONFIDENCE, description="Per-image confidence (mean max-softmax / mean detection score).",
+            boundaries=UNIT_BOUNDARIES, tag_keys=("model_version",),
+        ),
+        entropy=Histogram(
+            ENTROPY, description="Per-image normalised entropy (0..1).", boundaries=UNIT_BOUNDARIES,
+            tag_keys=("model_version",),
+        ),
+    )

@@ -1,0 +1,205 @@
+"""Model outputs -> response fields: mask PNGs, class fractions, COCO RLE, confidence, entropy.
+
+Pure numpy functions (no torch, no Ray) so they are unit-tested on hand-made arrays and
+reused by the active-learning capture, which ranks images by the same two numbers.
+
+Definitions (all in [0, 1]):
+
+* Semantic *confidence*: mean over pixels of the largest class probability.
+* Semantic *entropy*: mean over pixels of ``-sum_c p_c log p_c`` divided by ``log C``
+  (1 = uniform over the C classes). Both are taken on the model's output grid
+  (``image_size`` x ``image_size``), so they do not depend on the upload's resolution.
+* Instance *confidence*: mean detection score of the instances returned
+  (``score >= score_threshold``); 0 when there are none.
+* Instance *entropy*: mean over those instances of
+  ``0.5 * mask_entropy + 0.5 * H2(score)``, where ``mask_entropy`` is the mean binary
+  entropy ``H2(p) = -(p log p + (1-p) log(1-p)) / log 2`` of the mask probabilities
+  inside the instance's box and ``H2(score)`` the binary entropy of its score;
+  1 (maximal uncertainty) when nothing is detected.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+_EPS = 1e-12
+
+
+def _palette() -> list[int]:
+    """Class 0 black, then well-separated colours (a viewable label PNG that still holds indices)."""
+    base = [
+        (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    ]
+    rng = np.random.default_rng(0)
+    extra = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(256 - len(base))]
+    return [c for rgb in base + extra for c in rgb]
+
+
+PALETTE = _palette()
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def pixel_confidence_entropy(probs: np.ndarray) -> tuple[float, float]:
+    """``probs`` [C, H, W] (softmax over C) -> (mean max-probability, mean normalised entropy)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 3 or p.shape[0] < 2:
+        raise ValueError(f"probs must be [C, H, W] with C >= 2, got shape {p.shape}")
+    confidence = float(p.max(axis=0).mean())
+    entropy = -(p * np.log(np.clip(p, _EPS, 1.0))).sum(axis=0) / np.log(p.shape[0])
+    return _unit(confidence), _unit(float(entropy.mean()))
+
+
+def binary_entropy(p: Any) -> np.ndarray:
+    """Binary entropy in bits (so 1 at p = 0.5, 0 at p in {0, 1}), elementwise."""
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return -(p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))
+
+
+def _box_region(box: Sequence[float], h: int, w: int) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    c0, r0 = int(np.clip(np.floor(x0), 0, w - 1)), int(np.clip(np.floor(y0), 0, h - 1))
+    c1, r1 = int(np.clip(np.ceil(x1), c0 + 1, w)), int(np.clip(np.ceil(y1), r0 + 1, h))
+    return slice(r0, r1), slice(c0, c1)
+
+
+def instance_confidence_entropy(
+    scores: np.ndarray, masks: np.ndarray, boxes: np.ndarray, score_threshold: float = 0.05
+) -> tuple[float, float]:
+    """Per-image (confidence, entropy) of instance predictions; see the module docstring.
+
+    ``scores`` [N], ``masks`` [N, H, W] (or [N, 1, H, W]) probabilities, ``boxes`` [N, 4] xyxy.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    masks = np.asarray(masks)
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    keep = np.flatnonzero(scores >= score_threshold)
+    if keep.size == 0:
+        return 0.0, 1.0
+    h, w = masks.shape[-2:]
+    per_instance = []
+    for i in keep:
+        rows, cols = _box_region(boxes[i], h, w)
+        mask_entropy = float(binary_entropy(masks[i][rows, cols]).mean())
+        per_instance.append(0.5 * mask_entropy + 0.5 * float(binary_entropy(scores[i])))
+    return _unit(float(scores[keep].mean())), _unit(float(np.mean(per_instance)))
+
+
+def _unit(x: float) -> float:
+    return float(min(max(x, 0.0), 1.0))
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def class_fractions(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """Share of pixels of each class index 0..num_classes-1 in a [H, W] label mask."""
+    mask = np.asarray(mask)
+    counts = np.bincount(mask.reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
+    return counts / max(mask.size, 1)
+
+
+def encode_png(mask: np.ndarray) -> bytes:
+    """[H, W] uint8 label mask -> palette PNG whose pixel values are the labels."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be [H, W], got shape {mask.shape}")
+    if mask.size and int(mask.max()) > 255:
+        raise ValueError("mask labels must fit in 8 bits (<= 255)")
+    img = Image.fromarray(mask.astype(np.uint8), mode="L").convert("P")
+    img.putpalette(PALETTE)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=3)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_png` (for clients and tests)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
+
+
+def instance_label_mask(masks: np.ndarray, scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """[H, W] uint8 map of instance indices (1-based, in response order, 0 = none); higher
+    scores win overlaps. At most 255 instances are drawn."""
+    out = np.zeros(shape, dtype=np.uint8)
+    masks = np.asarray(masks)
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    order = np.argsort(np.asarray(scores).reshape(-1), kind="stable")  # low first, high scores paint last
+    for i in order:
+        if i < 255:
+            out[masks[i] > 0.5] = i + 1
+    return out
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def semantic_fields(mask: np.ndarray, probs: np.ndarray, class_names: Sequence[str], want_png_b64: bool = True) -> dict[str, Any]:
+    """Response fields of one semantic prediction: mask PNG, class fractions, confidence, entropy."""
+    confidence, entropy = pixel_confidence_entropy(probs)
+    fractions = class_fractions(mask, len(class_names))
+    fields: dict[str, Any] = {
+        "task": "semantic",
+        "width": int(mask.shape[1]),
+        "height": int(mask.shape[0]),
+        "class_names": list(class_names),
+        "class_fractions": {name: float(f) for name, f in zip(class_names, fractions)},
+        "confidence": confidence,
+        "entropy": entropy,
+    }
+    if want_png_b64:
+        fields["mask_png_base64"] = b64(encode_png(mask))
+    return fields
+
+
+def instance_fields(
+    prediction: Mapping[str, np.ndarray],
+    class_names: Sequence[str],
+    image_size: tuple[int, int],
+    score_threshold: float = 0.05,
+    image_id: int = 0,
+) -> dict[str, Any]:
+    """Response fields of one instance prediction: COCO results (``bbox`` xywh, RLE
+    ``segmentation``) per instance with ``score >= score_threshold``, confidence, entropy."""
+    from train.metrics.instance import coco_results
+
+    scores = np.asarray(prediction["scores"], dtype=np.float64).reshape(-1)
+    keep = scores >= score_threshold
+    boxes = np.asarray(prediction["boxes"], dtype=np.float64).reshape(-1, 4)[keep]
+    labels = np.asarray(prediction["labels"], dtype=np.int64).reshape(-1)[keep]
+    masks = np.asarray(prediction["masks"])
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    masks = masks[keep] if len(keep) else np.zeros((0, *image_size), dtype=np.float32)
+    scores = scores[keep]
+    confidence, entropy = instance_confidence_entropy(scores, masks, boxes, score_threshold)
+    records = coco_results({image_id: {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks}})
+    for r in records:
+        c = r["category_id"]
+        r["category_name"] = class_names[c] if 0 <= c < len(class_names) else str(c)
+    h, w = image_size
+    return {
+        "task": "instance",
+        "width": int(w),
+        "height": int(h),
+        "class_names": list(class_names),
+        "instances": records,
+        "num_instances": len(records),
+        "confidence": confidence,
+        "entropy": entropy,
+    }

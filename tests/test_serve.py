@@ -1,0 +1,385 @@
+"""The Serve app over real HTTP on the session's local Ray cluster.
+
+Two apps run side by side: semantic (``models:/...@champion`` from a temporary MLflow
+store, deployed declaratively so models can be switched in place) and instance (a local
+``checkpoint:/`` file, bearer token required). Models are untrained and tiny.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import free_port
+from tests.serve_helpers import INSTANCE, SEMANTIC, image_bytes, register_model, shapes_bytes
+
+SEM_APP, INST_APP = "segloop-sem", "segloop-inst"
+SEM_MODEL = "serve-test-sem"
+TOKEN = "s3cret-token"
+MAX_BYTES, MAX_PIXELS = 200_000, 512 * 512
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    import mlflow
+
+    data_dir = tmp_path_factory.mktemp("serve") / "segloop"
+    previous = mlflow.get_tracking_uri()
+    version = register_model(data_dir, SEM_MODEL, SEMANTIC, seed=0)
+    yield {"data_dir": data_dir, "tracking_uri": mlflow.get_tracking_uri(), "v1": version}
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def instance_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint in train/loop.py's format: model state + config + classes."""
+    import torch
+
+    from train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(INSTANCE["model"], len(INSTANCE["class_names"]), **INSTANCE["model_kwargs"])
+    path = tmp_path_factory.mktemp("ckpt") / "instance.pt"
+    torch.save({
+        "model": model.state_dict(),
+        "config": {"model": INSTANCE["model"], "task": "instance", "image_size": INSTANCE["image_size"], "model_kwargs": INSTANCE["model_kwargs"]},
+        "num_classes": len(INSTANCE["class_names"]),
+        "class_names": INSTANCE["class_names"],
+    }, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def serve_urls(ray_cluster, store, instance_checkpoint):
+    from ray import serve
+
+    from serve_app.app import deploy, wait_running
+    from serve_app.config import AppArgs
+
+    port = free_port()
+    http = {"host": "127.0.0.1", "port": port}
+    common = dict(max_body_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, model_num_replicas=1, model_num_cpus=1, ingress_num_cpus=0)
+    sem = AppArgs(
+        data_dir=str(store["data_dir"]),
+        model={"model_uri": f"models:/{SEM_MODEL}@champion", "poll_interval_s": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        model_max_ongoing_requests=16, model_max_queued_requests=16, **common,
+    )
+    inst = AppArgs(
+        model={"model_uri": f"checkpoint:{instance_checkpoint}", "poll_interval_s": 0, "max_batch_size": 4},
+        model_max_ongoing_requests=8, auth_token=TOKEN, **common,
+    )
+    deploy(sem, SEM_APP, "/", http_options=http, wait=False)
+    deploy(inst, INST_APP, "/inst", http_options=http)  # both apps start in parallel
+    wait_running(SEM_APP)
+    base = f"http://127.0.0.1:{port}"
+    yield {"sem": base, "inst": base + "/inst", "port": port}
+    serve.delete(SEM_APP)
+    serve.delete(INST_APP)
+    serve.shutdown()
+
+
+def post(url: str, data: bytes, timeout: float = 60, **kw) -> requests.Response:
+    return requests.post(url + "/predict", data=data, timeout=timeout, **kw)
+
+
+def png_mask(b64: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as img:
+        assert img.format == "PNG"
+        return np.asarray(img)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    out: dict[tuple[str, frozenset], float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(ray_segloop_\w+)(?:\{(.*)\})? ([0-9.eE+-]+|NaN)$", line)
+        if m:
+            labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or ""))
+            out[(m[1], labels)] = out.get((m[1], labels), 0.0) + float(m[3])
+    return out
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+@pytest.mark.slow
+def test_custom_metrics_exported(serve_urls, ray_cluster):
+    """Counters/histograms reach Ray's Prometheus endpoint with the right values (deltas).
+
+    First test of the module on purpose: no earlier request of this app can still be
+    waiting for Ray's periodic export and spoil the deltas."""
+    port = ray_cluster.metrics_export_port
+    app = {"application": SEM_APP}
+
+    def settled() -> dict:
+        """A scrape with nothing of this app still to flush (runs first: usually nothing at all)."""
+        a = scrape(port)
+        if not any(dict(ls).get("application") == SEM_APP for _, ls in a):
+            return a
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            time.sleep(6)
+            b = scrape(port)
+            if b == a:
+                return b
+            a = b
+        return a
+
+    before = settled()
+    version = requests.get(serve_urls["sem"] + "/model", timeout=30).json()["version"]
+    for i in range(3):
+        assert post(serve_urls["sem"], image_bytes(40 + i)).status_code == 200
+    for _ in range(2):
+        assert post(serve_urls["sem"], b"not an image").status_code == 400
+    assert post(serve_urls["sem"], b"").status_code == 400
+
+    expected = {
+        ("ray_segloop_predictions_total", (("status", "ok"), ("model_version", version), ("task", "semantic"))): 3,
+        ("ray_segloop_predictions_total", (("status", "error"),)): 3,
+        ("ray_segloop_rejections_total", (("reason", "not_an_image"),)): 2,
+        ("ray_segloop_rejections_total", (("reason", "empty_body"),)): 1,
+        ("ray_segloop_request_latency_s_count", (("model_version", version),)): 3,
+        ("ray_segloop_confidence_count", (("model_version", version),)): 3,
+        ("ray_segloop_entropy_count", (("model_version", version),)): 3,
+    }
+    deadline = time.time() + 90
+    while True:
+        after = scrape(port)
+        deltas = {k: total(after, k[0], **app, **dict(k[1])) - total(before, k[0], **app, **dict(k[1])) for k in expected}
+        if deltas == expected or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert deltas == expected
+    # one batch per sequential request (Ray estimates histogram _sum from bucket midpoints, so only counts are exact)
+    batches = total(after, "ray_segloop_batch_size_count", **app) - total(before, "ray_segloop_batch_size_count", **app)
+    forwards = total(after, "ray_segloop_model_latency_s_count", **app) - total(before, "ray_segloop_model_latency_s_count", **app)
+    assert batches == forwards == 3
+    ones = total(after, "ray_segloop_batch_size_bucket", **app, le="1.0") - total(before, "ray_segloop_batch_size_bucket", **app, le="1.0")
+    assert ones == 3
+    assert total(after, "ray_segloop_confidence_bucket", **app, le="+Inf") >= 3
+    # Serve's own metrics stay on
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    assert "ray_serve_num_http_requests" in text or "ray_serve_deployment_request_counter" in text
+
+
+# ----------------------------------------------------------------------------- semantic
+
+
+def test_semantic_prediction(serve_urls, store):
+    r = post(serve_urls["sem"], image_bytes(1, (80, 48)))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["task"] == "semantic" and body["model_version"] == store["v1"] == r.headers["X-Model-Version"]
+    assert (body["width"], body["height"]) == (80, 48)
+    mask = png_mask(body["mask_png_base64"])
+    assert mask.shape == (48, 80) and mask.max() < 3  # upsampled back to the upload's size
+    assert body["class_names"] == SEMANTIC["class_names"]
+    fractions = body["class_fractions"]
+    assert abs(sum(fractions.values()) - 1) < 1e-6
+    counts = np.bincount(mask.ravel(), minlength=3) / mask.size
+    assert np.allclose([fractions[c] for c in SEMANTIC["class_names"]], counts)
+    assert 1 / 3 - 1e-6 <= body["confidence"] <= 1 and 0 <= body["entropy"] <= 1
+    assert set(body["timings_ms"]) >= {"decode", "model", "total"}
+
+    # the mask itself with Accept: image/png; the same mask through multipart
+    r_png = post(serve_urls["sem"], image_bytes(1, (80, 48)), headers={"Accept": "image/png"})
+    assert r_png.status_code == 200 and r_png.headers["content-type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(r_png.content))), mask)
+    files = {"file": ("pet.jpg", image_bytes(1, (80, 48)), "image/jpeg")}
+    r_mp = requests.post(serve_urls["sem"] + "/predict", files=files, timeout=60)
+    assert r_mp.status_code == 200, r_mp.text
+    assert np.array_equal(png_mask(r_mp.json()["mask_png_base64"]), mask)
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "RGBA"), ("PNG", "L"), ("PNG", "P"), ("WEBP", "RGB")])
+def test_semantic_formats_and_modes(serve_urls, fmt, mode):
+    r = post(serve_urls["sem"], image_bytes(2, (40, 56), fmt=fmt, mode=mode))
+    assert r.status_code == 200, r.text
+    assert png_mask(r.json()["mask_png_base64"]).shape == (56, 40)
+
+
+def test_exif_orientation_applied(serve_urls):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: a 80x48 file shows as 48x80
+    r = post(serve_urls["sem"], image_bytes(3, (80, 48), exif=exif.tobytes()))
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == (48, 80)
+
+
+def test_health_and_model(serve_urls, store):
+    h = requests.get(serve_urls["sem"] + "/healthz", timeout=30)
+    assert h.status_code == 200 and h.json() == {"status": "ok", "model_version": store["v1"]}
+    m = requests.get(serve_urls["sem"] + "/model", timeout=30).json()
+    assert m["name"] == SEM_MODEL and m["version"] == store["v1"] and m["task"] == "semantic"
+    assert m["class_names"] == SEMANTIC["class_names"] and m["image_size"] == SEMANTIC["image_size"]
+
+
+def test_concurrent_matches_sequential(serve_urls):
+    images = [image_bytes(10 + i, (64, 64)) for i in range(16)]
+    sequential = [post(serve_urls["sem"], b).json() for b in images]
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(lambda b: post(serve_urls["sem"], b), images))
+    assert all(r.status_code == 200 for r in concurrent), [r.text for r in concurrent if r.status_code != 200]
+    concurrent = [r.json() for r in concurrent]
+    assert max(c["timings_ms"]["batch_size"] for c in concurrent) > 1  # requests really were batched
+    for s, c in zip(sequential, concurrent):
+        assert np.array_equal(png_mask(s["mask_png_base64"]), png_mask(c["mask_png_base64"]))
+        assert c["confidence"] == pytest.approx(s["confidence"], abs=1e-5)
+        assert c["entropy"] == pytest.approx(s["entropy"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad_inputs() -> list[tuple[str, dict, int, str]]:
+    jpeg = image_bytes(4, (64, 64))
+    gif = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(gif, format="GIF")
+    bomb = io.BytesIO()  # 600x600 = 360k pixels > MAX_PIXELS, but a tiny file
+    Image.new("L", (600, 600)).save(bomb, format="PNG", optimize=True)
+    return [
+        ("empty", {"data": b""}, 400, "empty_body"),
+        ("text", {"data": b"this is not an image at all"}, 400, "not_an_image"),
+        ("truncated", {"data": jpeg[: len(jpeg) // 2]}, 400, "truncated"),
+        ("header only", {"data": jpeg[:20]}, 400, "truncated"),
+        ("gif", {"data": gif.getvalue()}, 415, "unsupported_format"),
+        ("bomb", {"data": bomb.getvalue()}, 413, "too_many_pixels"),
+        ("too large", {"data": b"\xff\xd8\xff" + bytes(MAX_BYTES)}, 413, "body_too_large"),
+        ("multipart without file", {"files": {"image": ("x.jpg", jpeg, "image/jpeg")}}, 400, "empty_body"),
+    ]
+
+
+def test_bad_inputs_then_good(serve_urls):
+    for name, kwargs, status, reason in _bad_inputs():
+        r = requests.post(serve_urls["sem"] + "/predict", timeout=60, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert r.headers["content-type"] == "application/json"
+        body = r.json()
+        assert body["reason"] == reason and body["error"], (name, body)
+    assert post(serve_urls["sem"], image_bytes(5)).status_code == 200
+
+
+def test_overload_answers_503(serve_urls):
+    """More concurrent requests than max_ongoing (16) + max_queued (16): some 503, none hang."""
+    images = [image_bytes(20 + i % 4, (128, 128)) for i in range(96)]
+    with ThreadPoolExecutor(96) as pool:
+        responses = list(pool.map(lambda b: post(serve_urls["sem"], b, timeout=120), images))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) > 0 and codes.count(200) >= 16
+    assert all(r.json()["reason"] == "overloaded" for r in responses if r.status_code == 503)
+    assert post(serve_urls["sem"], image_bytes(5)).status_code == 200
+
+
+# ----------------------------------------------------------------------------- instance
+
+
+def test_instance_prediction_and_auth(serve_urls):
+    from pycocotools import mask as mask_utils
+
+    data = shapes_bytes(0, 96)
+    assert post(serve_urls["inst"], data).status_code == 401
+    r = post(serve_urls["inst"], data, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["reason"] == "unauthorized"
+    r = post(serve_urls["inst"], data, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["task"] == "instance" and body["model_version"].startswith("ckpt-")
+    assert body["num_instances"] == len(body["instances"])
+    assert 0 <= body["confidence"] <= 1 and 0 <= body["entropy"] <= 1
+    if not body["instances"]:
+        assert body["entropy"] == 1.0
+    for inst in body["instances"]:
+        assert set(inst) >= {"category_id", "category_name", "score", "bbox", "segmentation"}
+        assert 1 <= inst["category_id"] < len(INSTANCE["class_names"]) and inst["score"] >= 0.05
+        x, y, w, h = inst["bbox"]
+        assert w >= 0 and h >= 0 and 0 <= x <= 96 and 0 <= y <= 96
+        assert inst["segmentation"]["size"] == [96, 96]
+        assert mask_utils.decode(inst["segmentation"]).shape == (96, 96)
+    # the instance-index mask as a PNG
+    r = post(serve_urls["inst"], data, headers={"Authorization": f"Bearer {TOKEN}", "Accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    labels = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert labels.shape == (96, 96) and labels.max() <= body["num_instances"]
+    # health needs no token
+    assert requests.get(serve_urls["inst"] + "/healthz", timeout=30).status_code == 200
+
+
+# ----------------------------------------------------------------------------- model switching
+
+
+class Stream:
+    """Send requests from background threads until stopped; keep (status, version) of each."""
+
+    def __init__(self, url: str, threads: int = 3) -> None:
+        self.url, self.results, self._stop = url, [], threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        data = image_bytes(30 + i)
+        while not self._stop.is_set():
+            try:
+                r = post(self.url, data, timeout=60)
+                self.results.append((time.time(), r.status_code, r.headers.get("X-Model-Version")))
+            except requests.RequestException as err:
+                self.results.append((time.time(), repr(err), None))
+
+    def __enter__(self) -> "Stream":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
+
+    def wait_for_version(self, version: str, timeout_s: float = 90) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if any(v == version for *_, v in self.results[-3:]):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"no response with version {version} in {timeout_s}s: {self.results[-5:]}")
+
+
+def test_champion_change_fails_no_request(serve_urls, store):
+    """Moving the alias in MLflow: replicas follow it, no request fails, later ones name v2."""
+    import mlflow
+
+    from serve_app.app import switch_model
+
+    pid = requests.get(serve_urls["sem"] + "/model", timeout=30).json()["pid"]
+    with Stream(serve_urls["sem"]) as stream:
+        time.sleep(1)
+        v2 = register_model(store["data_dir"], SEM_MODEL, SEMANTIC, seed=1, alias=None)
+        mlflow.MlflowClient().set_registered_model_alias(SEM_MODEL, "champion", v2)
+        stream.wait_for_version(v2)
+        time.sleep(1)
+        # pin version 1 explicitly, in place (declarative user_config update -> reconfigure)
+        assert switch_model(f"models:/{SEM_MODEL}/{store['v1']}", SEM_APP, timeout_s=120) == store["v1"]
+        stream.wait_for_version(store["v1"])
+        time.sleep(1)
+    statuses = [s for _, s, _ in stream.results]
+    assert statuses and all(s == 200 for s in statuses), [r for r in stream.results if r[1] != 200][:5]
+    versions = [v for *_, v in stream.results]
+    first_v2 = versions.index(v2)
+    assert versions[-1] == store["v1"] and v2 in versions and store["v1"] in versions[:first_v2]
+    info = requests.get(serve_urls["sem"] + "/model", timeout=30).json()
+    assert info["pid"] == pid and info["switches"] == 2  # swapped in place, never restarted
+    assert info["follows"] == f"models:/{SEM_MODEL}/{store['v1']}"

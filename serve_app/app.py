@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -178,7 +179,10 @@ def build_app(args: AppArgs) -> Application:
         model_options["autoscaling_config"] = args.model_autoscaling.model_dump()
     defaults = {"mlflow_tracking_uri": settings.mlflow_tracking_uri}
     limits = {"max_bytes": args.max_body_bytes, "max_pixels": args.max_pixels}
-    model = SegModel.options(**model_options).bind(limits, defaults)
+    capture = args.capture.model_dump(mode="json") if args.capture else None
+    if capture and capture["store"] is None:
+        capture["store"] = store_config_dict(args.data_dir)
+    model = SegModel.options(**model_options).bind(limits, defaults, capture)
     ingress_options = {
         "max_body_bytes": args.max_body_bytes,
         "max_pixels": args.max_pixels,
@@ -195,6 +199,23 @@ def build_app(args: AppArgs) -> Application:
 
 
 # ----------------------------------------------------------------------------- deploy & switch
+
+
+def store_config_dict(data_dir: Optional[str]) -> dict[str, Any]:
+    """The object store replicas capture into: SEGLOOP_STORE, else ``<data_dir>/store``."""
+    from train.store import store_config_from_url
+
+    url = os.environ.get("SEGLOOP_STORE") or str(Path(data_dir or ".segloop").resolve() / "store")
+    return store_config_from_url(url).model_dump(mode="json")
+
+
+def set_capture_policy(policy: dict[str, Any], store: Any = None, data_dir: Optional[str] = None) -> dict[str, Any]:
+    """Switch capture at run time: publish the policy where every replica polls it (no redeploy)."""
+    from serve_app.capture import write_policy
+    from train.store import open_store
+
+    store = store if store is not None else open_store(store_config_dict(data_dir))
+    return write_policy(store, policy).model_dump(mode="json")
 
 
 def _client():
@@ -249,6 +270,7 @@ def deploy(
     http_options: Optional[dict[str, Any]] = None,
     timeout_s: float = 180,
     wait: bool = True,
+    runtime_env: Optional[dict[str, Any]] = None,
 ) -> None:
     """Deploy (or update) the app declaratively, as ``serve deploy`` would, and wait until it
     runs (``wait=False``: return at once, then :func:`wait_running`).
@@ -258,6 +280,8 @@ def deploy(
     """
     serve.start(http_options=http_options or {"host": "127.0.0.1", "port": 8000})
     entry = app_config(args, name, route_prefix)
+    if runtime_env:  # e.g. {"env_vars": {...}}: credentials for the replicas, never in args
+        entry["runtime_env"] = runtime_env
     apps = [a for a in _declarative_apps(_details()) if a["name"] != name] + [entry]
     _apply(apps)
     if wait:

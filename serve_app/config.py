@@ -98,6 +98,18 @@ class Autoscaling(BaseModel):
         return self
 
 
+class CaptureArgs(BaseModel):
+    """Active-learning capture in the model replicas (serve_app.capture.Capturer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: Optional[dict] = Field(None, description="train.store.StoreConfig; None: SEGLOOP_STORE or ./.segloop/store")
+    policy: dict = Field(default_factory=lambda: {"mode": "off"}, description="initial policy; the store's copy wins")
+    queue_size: int = Field(256, ge=1)
+    max_retries: int = Field(5, ge=0)
+    policy_poll_s: float = Field(5.0, gt=0, description="how often replicas re-read control/capture_policy.json")
+
+
 class AppArgs(BaseModel):
     """Arguments of ``build_app`` (the ``args`` of ``serve_config.yaml``)."""
 
@@ -105,6 +117,7 @@ class AppArgs(BaseModel):
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     data_dir: Optional[str] = Field(None, description="segloop data dir: the default MLflow store is <data_dir>/mlflow.db")
+    capture: Optional[CaptureArgs] = Field(default_factory=CaptureArgs, description="None disables capture")
     # request limits
     max_body_bytes: int = Field(10 * 2**20, ge=1024)
     max_pixels: int = Field(4096 * 4096, ge=64)

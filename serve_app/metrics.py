@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-UNIT_BOUNDARIES = [round(0.05 * i, 2) for i in range(1, 20)] + [0.99]
+UNIT_BOUNDARIES = [round(0.05 * i, 2) for i in range(1, 20)] + [0.99, 1.0]  # 1.0: Ray sums +Inf at 2x the last bound
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 

@@ -267,11 +267,24 @@ def predict_bytes(lm: LoadedModel, bodies: list[bytes], limits: ImageLimits, sco
 # ----------------------------------------------------------------------------- deployment
 
 
+def make_capturer(capture: dict[str, Any] | None) -> Any:
+    """The replica's Capturer (None when capture is disabled); the store opens lazily."""
+    if not capture:
+        return None
+    from serve_app.capture import Capturer, ray_capture_metrics, store_policy_source
+
+    return Capturer(capture["store"], capture.get("policy"), queue_size=capture.get("queue_size", 256),
+                    max_retries=capture.get("max_retries", 5), metrics=ray_capture_metrics(),
+                    policy_source=store_policy_source(capture["store"]),
+                    policy_poll_s=capture.get("policy_poll_s", 5.0))
+
+
 @serve.deployment(name=MODEL_DEPLOYMENT, max_ongoing_requests=16, graceful_shutdown_timeout_s=30)
 class SegModel:
     """Decodes, batches and predicts; ``user_config`` = :class:`ModelSettings`."""
 
-    def __init__(self, limits: dict[str, int], defaults: dict[str, Any] | None = None) -> None:
+    def __init__(self, limits: dict[str, int], defaults: dict[str, Any] | None = None,
+                 capture: dict[str, Any] | None = None) -> None:
         self._limits = ImageLimits(**limits)
         self._defaults = defaults or {}
         self._settings: ModelSettings | None = None
@@ -283,6 +296,7 @@ class SegModel:
         self._poller: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._metrics = model_metrics()
+        self._capturer = make_capturer(capture)
 
     # -- configuration and switching ---------------------------------------------------
 
@@ -370,8 +384,13 @@ class SegModel:
         return result
 
     def _capture(self, image_bytes: bytes, result: dict[str, Any]) -> None:
-        """Active-learning capture hook: called after postprocessing with the request's raw
-        bytes and its response fields. Intentionally a no-op in this issue."""
+        """Active-learning capture: never blocks or raises (bounded queue, background writer)."""
+        if self._capturer is not None:
+            self._capturer.offer(image_bytes, None, result)
+
+    def __del__(self) -> None:
+        if getattr(self, "_capturer", None) is not None:
+            self._capturer.close(timeout=5)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _predict_batch(self, images: list[np.ndarray], want_png: list[bool]) -> list[dict[str, Any]]:
@@ -406,6 +425,7 @@ class SegModel:
             "poll_interval_s": self._settings.poll_interval_s if self._settings else None,
             "max_batch_size": self._settings.max_batch_size if self._settings else None,
             "pid": os.getpid(),
+            "capture": self._capturer.stats() if self._capturer is not None else None,
         })
         try:
             data["replica"] = serve.get_replica_context().replica_tag

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,7 +61,7 @@ class MonitorConfig(BaseModel):
     job_working_dir: Optional[str] = Field(None, description="upload this dir with the job (cluster without segloop installed)")
     dashboard_url: Optional[str] = Field(None, description="Ray dashboard (Jobs API); default: this cluster's")
     registered_model: str = "segloop-pets"
-    switch_serve: bool = True
+    switch_serve: bool = Field(False, description="pin Serve to the new champion; off when replicas follow the alias")
     data_dir: str = ".segloop"
     store: Optional[dict] = Field(None, description="train.store.StoreConfig; default: SEGLOOP_STORE / local")
 
@@ -111,10 +111,11 @@ class Monitor:
     """The actor's body; plain Python so the decision logic is testable without Ray."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from train.store import open_store, store_from_env
+        from serve_app.app import store_config_dict
+        from train.store import open_store
 
         self.cfg = MonitorConfig.model_validate(config)
-        self.store = open_store(self.cfg.store) if self.cfg.store else store_from_env()
+        self.store = open_store(self.cfg.store or store_config_dict(self.cfg.data_dir))
         self.state: dict[str, Any] = {"engine": None, "trained": None, "jobs": [], "decisions": [],
                                       "events": [], "schedule_fired": None, "capture": None}
         if self.store.exists(STATE_KEY):
@@ -167,7 +168,7 @@ class Monitor:
         if self.state.get("capture") == policy:
             return {}
         try:
-            set_capture_policy(policy, app_name=self.cfg.app_name)
+            set_capture_policy(policy, store=self.store)
         except Exception as err:
             return {"action": "capture", "ok": False, "error": str(err)}
         self.state["capture"] = policy

@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from train.errors import ConfigError, DatasetError, SegloopError, StoreError
+from train.data.synth import dilate
 from train.store import ObjectNotFound, ObjectStore, blob_key
 
 logger = logging.getLogger(__name__)
@@ -353,18 +354,6 @@ def read_label_png(data: bytes, what: str) -> np.ndarray:
     if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
         raise DatasetError(f"{what} has mode {img.mode}; expected a single-channel (grey or palette) PNG of label values")
     return np.asarray(img).astype(np.int64)
-
-
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    """Binary dilation with a disc of radius ``r``."""
-    h, w = mask.shape
-    pad = np.pad(mask, r)
-    out = np.zeros_like(mask)
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            if dx * dx + dy * dy <= r * r:
-                out |= pad[r + dy : r + dy + h, r + dx : r + dx + w]
-    return out
 
 
 def band_radius(height: int, width: int) -> int:
@@ -673,7 +662,7 @@ def export(
             (trimap_dir / f"{rec.id}.png").write_bytes(_png(trimap))
             r = band_radius(h, w)
             pet = trimap == 1
-            outline = _dilate(pet, r) & (trimap != 2) if pet.any() else (trimap == 3)
+            outline = dilate(pet, r) & (trimap != 2) if pet.any() else (trimap == 3)
             for pts, area in mask_polygons(outline):
                 results.append(_ls_region(pts, "pet" if area > 0 else "background", w, h, len(results), None))
             for cat in categories:

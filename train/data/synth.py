@@ -123,7 +123,7 @@ def _texture(rng: np.random.Generator, size: int, c1: np.ndarray, c2: np.ndarray
     return c1 * (1 - t[..., None]) + c2 * t[..., None]
 
 
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+def dilate(mask: np.ndarray, r: int) -> np.ndarray:
     """Binary dilation with a disc of radius ``r`` (numpy only)."""
     h, w = mask.shape
     pad = np.pad(mask, r)
@@ -216,7 +216,7 @@ def _pet_style(seed: int, size: int, mask: np.ndarray, shift: bool) -> Image.Ima
 def pet_trimap(mask: np.ndarray, size: int) -> np.ndarray:
     """Oxford trimap (1=pet, 2=background, 3=border) of a binary mask; band of a few px."""
     r = max(1, round(size / 64))
-    band = _dilate(mask, r) & _dilate(~mask, r)  # dilation minus erosion
+    band = dilate(mask, r) & dilate(~mask, r)  # dilation minus erosion
     trimap = np.where(mask, 1, 2).astype(np.uint8)
     trimap[band] = 3
     return trimap

@@ -1,0 +1,51 @@
+"""The monitoring actor's decision logic (the actor's body, without Ray): fires once, capture on,
+state survives a restart without a second trigger, schedules."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from serve_app.capture import read_policy
+from serve_app.monitor import Monitor, cron_matches, schedule_due, MonitorConfig
+
+RULES = [{"name": "low_confidence", "signal": "mean_confidence", "op": "<", "threshold": 0.6,
+          "window_s": 10, "for_s": 2, "hysteresis": 0.05, "cooldown_s": 100}]
+
+
+def make(tmp_path: Path) -> Monitor:
+    return Monitor({"rules": RULES, "store": {"kind": "local", "root": str(tmp_path / "store")},
+                    "data_dir": str(tmp_path), "capture_on_alert": {"mode": "entropy", "threshold": 0.3}})
+
+
+def test_alert_fires_once_switches_capture_and_survives_restart(tmp_path: Path) -> None:
+    m = make(tmp_path)
+    low = {"mean_confidence": 0.4, "mean_entropy": 0.5, "error_rate": 0.0}
+    assert m.tick(now=0.0, signals=low) == []            # pending: for_s not yet held
+    acts = m.tick(now=3.0, signals=low)
+    assert [a["action"] for a in acts] == ["alert", "capture"]
+    assert read_policy(m.store).mode == "entropy"
+    assert m.tick(now=5.0, signals=low) == []            # still firing: no second response
+
+    restarted = make(tmp_path)                            # the actor restarts from the stored state
+    assert restarted.engine.firing() == ["low_confidence"]
+    assert restarted.tick(now=6.0, signals=low) == []
+    resolved = restarted.tick(now=8.0, signals={"mean_confidence": 0.9})
+    assert [a["state"] for a in resolved if a["action"] == "alert"] == ["resolved"]
+    # within the cooldown a new breach does not fire again
+    restarted.tick(now=20.0, signals=low)
+    assert restarted.tick(now=30.0, signals=low) == []
+
+
+def test_missing_signals_never_fire(tmp_path: Path) -> None:
+    m = make(tmp_path)
+    for t in range(10):
+        assert m.tick(now=float(t), signals={"mean_confidence": None}) == []
+
+
+def test_schedules() -> None:
+    assert cron_matches("0 3 * * *", dt.datetime(2026, 1, 5, 3, 0))
+    assert not cron_matches("0 3 * * *", dt.datetime(2026, 1, 5, 4, 0))
+    assert cron_matches("*/15 * * * 1-5", dt.datetime(2026, 1, 5, 10, 30))  # a Monday
+    cfg = MonitorConfig(schedule_interval_s=60)
+    assert schedule_due(cfg, None, 0) and not schedule_due(cfg, 0, 30) and schedule_due(cfg, 0, 61)

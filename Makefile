@@ -50,6 +50,7 @@ prometheus: install
 bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/serve.py
+	$(PY) bench/label_efficiency.py
 
 clean:
 	rm -rf $(VENV) $(DATA) .pytest_cache

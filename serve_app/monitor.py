@@ -389,10 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import ray
 
-    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE)
+    ctx = ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE)
     try:
         if args.command == "start":
             cfg = load_config(MonitorConfig, args.config, args.overrides)
+            if cfg.dashboard_url is None and ctx.dashboard_url:  # the actor submits jobs here
+                url = ctx.dashboard_url
+                cfg.dashboard_url = url if url.startswith("http") else f"http://{url}"
             start(cfg.model_dump(mode="json"), restart=args.restart)
             print(f"monitor {ACTOR_NAME!r} running (namespace {NAMESPACE})")
         else:

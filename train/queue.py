@@ -1200,16 +1200,6 @@ def simulate_annotation(
 # ----------------------------------------------------------------------------- CLI
 
 
-def _parse_notes(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--note {item!r} must look like key=value")
-        out[key.strip()] = value
-    return out
-
-
 def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", default=argparse.SUPPRESS,
@@ -1259,6 +1249,7 @@ def _exclude(store: ObjectStore, spec: Optional[str]) -> Any:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point. Exit codes: 0 ok, 1 store failure, 2 bad input."""
     from train.store import open_store, store_config_from_url
+    from train.versions import parse_notes
 
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -1293,7 +1284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(path)
         elif args.cmd == "import":
             m = import_annotations(store, args.dataset, args.parent, args.annotations, fmt=args.format, split=args.split,
-                                   replace=args.replace, notes=_parse_notes(args.note))
+                                   replace=args.replace, notes=parse_notes(args.note))
             added = m.notes.get("import", {}).get("captures", [])
             print(f"{m.ref}  parent={m.parent}  +{len(added)} sample(s)  files={len(m.files)}")
     except (ConfigError, DatasetError) as err:

@@ -898,7 +898,8 @@ def _summary(m: Manifest) -> str:
     )
 
 
-def _parse_notes(items: Sequence[str]) -> dict[str, Any]:
+def parse_notes(items: Sequence[str]) -> dict[str, Any]:
+    """``--note key=value`` flags -> a dict (shared by the versions and queue CLIs)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -1009,7 +1010,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.cmd == "create":
             classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
             m = create_version(
-                store, args.name, args.dir, args.task, classes, parent=args.parent, notes=_parse_notes(args.note)
+                store, args.name, args.dir, args.task, classes, parent=args.parent, notes=parse_notes(args.note)
             )
             print(f"{m.ref}  ({len(m.files)} files, {_fmt_size(m.total_bytes)})")
         elif args.cmd == "verify":

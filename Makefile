@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   ?= .segloop
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: help install system-deps demo test test-fast prometheus bench clean
 
@@ -35,7 +36,7 @@ system-deps:
 	  || echo "warning: could not install prometheus; the promtool/prometheus tests will fail"; }
 
 demo: install
-	$(PY) -m serve_app.demo --data-dir $(DATA)/demo
+	$(PY) -m serve_app.demo --data-dir $(DATA)/demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

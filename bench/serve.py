@@ -10,6 +10,10 @@ mask upsampling, PNG/base64 and JSON. They run one after another so they never s
 * **in-process**: decode + batched forward + postprocess in a loop, no HTTP (the limit).
 
     python bench/serve.py --requests 200 --concurrency 1,8,32 --model lraspp_mobilenet_v3_large --image-size 256
+
+On a CPU the Serve app runs ``--replicas`` model replicas with ``--serve-threads`` torch threads each
+(default 2 x 1: on 2 cores two single-threaded replicas beat one two-threaded replica); Flask and
+the in-process loop use ``--threads`` (default: all cores).
 """
 
 from __future__ import annotations
@@ -234,7 +238,7 @@ def start_flask(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
 # ----------------------------------------------------------------------------- serve
 
 
-def start_serve(checkpoint: Path, batch: int, threads: int, wait_s: float, max_concurrency: int) -> str:
+def start_serve(checkpoint: Path, batch: int, threads: int, wait_s: float, max_concurrency: int, replicas: int = 1) -> str:
     import ray
 
     from serve_app.app import deploy
@@ -244,7 +248,7 @@ def start_serve(checkpoint: Path, batch: int, threads: int, wait_s: float, max_c
     port = free_port()
     model = settings(checkpoint, batch, threads, wait_s).model_dump()
     args = AppArgs(
-        model=model, model_num_replicas=1, model_num_cpus=1, ingress_num_cpus=0,
+        model=model, model_num_replicas=replicas, model_num_cpus=1, ingress_num_cpus=0,
         model_max_ongoing_requests=max(batch, 16), model_max_queued_requests=max(4 * max_concurrency, 64),
     )
     deploy(args, "segloop-bench", "/", http_options={"host": "127.0.0.1", "port": port})
@@ -267,7 +271,8 @@ def table(info: dict, results: dict, concurrency: list[int], batch: int, args: a
         f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}, torch {info['torch']}, "
         f"1-min load before the run: {info['load_1min']}",
         f"Model: {args.model} (untrained), input {args.image_size}px, uploads {args.source_size}px JPEG, "
-        f"{args.requests} requests per cell, torch threads {args.threads}, max batch {batch}",
+        f"{args.requests} requests per cell, torch threads {args.threads} (serve: {args.replicas} replicas x "
+        f"{args.serve_threads or args.threads} threads), max batch {batch}",
         "",
         "| system | concurrency | throughput (img/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -302,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="max batch size (serve and in-process)")
     p.add_argument("--wait-ms", type=float, default=5.0, help="serve batch_wait_timeout_s in ms")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads everywhere")
+    p.add_argument("--replicas", type=int, default=2, help="serve: model replicas (1 CPU each)")
+    p.add_argument("--serve-threads", type=int, default=1, help="serve: torch threads per replica (0 = --threads)")
     p.add_argument("--systems", default="in-process,flask,serve")
     p.add_argument("--images", type=int, default=32, help="distinct images cycled through")
     p.add_argument("--checkpoint", help="use this segloop checkpoint instead of an untrained model")
@@ -338,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait()
     if "serve" in systems:
         print("serve ...", file=sys.stderr, flush=True)
-        url = start_serve(checkpoint, args.batch, args.threads, args.wait_ms / 1000, max(concurrency))
+        url = start_serve(checkpoint, args.batch, args.serve_threads or args.threads, args.wait_ms / 1000,
+                          max(concurrency), args.replicas)
         try:
             drive_http(url, images, warm * 2, max(concurrency))
             for c in concurrency:

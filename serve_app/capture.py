@@ -528,6 +528,7 @@ class Capturer:
             try:
                 item = self._queue.get(timeout=min(0.5, self._policy_poll_s))
             except queue.Empty:
+                self._gauge()  # Ray drops a gauge not set within a report period: keep it alive
                 continue
             try:
                 self._release(len(item.image))

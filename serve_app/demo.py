@@ -1,6 +1,6 @@
 """``make demo``: the whole loop on the embedded default, narrated step by step.
 
-    .venv/bin/python -m serve_app.demo --data-dir .segloop/demo [--size 64 --n 160 --epochs 8]
+    .venv/bin/python -m serve_app.demo --data-dir .segloop/demo [--size 64 --n 160 --epochs 8] [--stay -1]
 
 Local Ray (dashboard on 127.0.0.1), MLflow on ``<data-dir>/mlflow.db``, the object store in
 ``<data-dir>/store``. Steps: generate data -> dataset version -> train v1 (Ray Train) ->
@@ -56,6 +56,18 @@ class Traffic:
         return [o for o in out if o is not None]
 
 
+    def send_bad(self, good: Path) -> list[tuple[int, str]]:
+        """Malformed uploads: each is refused with a status and a named reason (not a failed request)."""
+        import requests
+
+        bodies = [b"", b"this is not an image", good.read_bytes()[:200]]
+        out = []
+        for body in bodies:
+            r = requests.post(self.url + "/predict", data=body, timeout=60)
+            out.append((r.status_code, r.json().get("reason", "?")))
+        return out
+
+
 def mean(results: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in results) if results else float("nan")
 
@@ -85,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--annotate", type=int, default=48, help="top-entropy captures sent to the annotator")
     p.add_argument("--timeout", type=float, default=900, help="give up waiting for the retraining after this")
+    p.add_argument("--stay", type=float, default=0, metavar="SECONDS",
+                   help="keep Ray, Serve and the monitoring actor up this long after the summary to look around "
+                        "in the dashboards (-1: until Ctrl-C); everything stops when the demo exits")
     args = p.parse_args(argv)
     t_start = time.time()
     data = Path(args.data_dir).resolve()
@@ -142,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     base_conf, base_ent = mean(normal, "confidence"), mean(normal, "entropy")
     print(f"{len(normal)} predictions by v{normal[0]['model_version']}: mean confidence {base_conf:.3f}, "
           f"mean entropy {base_ent:.3f}")
+    refused = traffic.send_bad(images(pets, "test")[0])
+    print("bad uploads are refused, each with its reason, and serving goes on: "
+          + ", ".join(f"{code} {reason}" for code, reason in refused))
 
     say("6. the monitoring actor", "rules calibrated on the normal traffic: alert when mean confidence drops "
         "0.05 below it or mean entropy rises 0.05 above it; on alert capture images more uncertain than normal traffic")
@@ -229,7 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nrequests served: {traffic.sent}, failed requests: {traffic.failed}, "
           f"champion: v{champion}, wall time {time.time() - t_start:.0f}s")
     print(f"Ray dashboard: {dashboard}\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri(data)} "
-          f"--host 127.0.0.1  (then http://127.0.0.1:5000)\nServe: {url}/predict  (Ctrl-C to stop)")
+          f"--host 127.0.0.1  (then http://127.0.0.1:5000)\nServe: {url}/predict")
+    if args.stay:
+        print("staying up " + ("until Ctrl-C" if args.stay < 0 else f"for {args.stay:.0f}s") + "; then Ray stops", flush=True)
+        try:
+            time.sleep(args.stay if args.stay >= 0 else 10**9)
+        except KeyboardInterrupt:
+            pass
+    else:
+        print("(the demo's Ray cluster stops now; `--stay -1` keeps it up until Ctrl-C)")
     return 0 if traffic.failed == 0 else 1
 
 

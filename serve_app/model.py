@@ -185,6 +185,8 @@ def _semantic_batch(lm: LoadedModel, images: list[np.ndarray], want_png: list[bo
     import torch
     import torch.nn.functional as F
 
+    from train.metrics.semantic import class_indices
+
     xs = [lm.transforms(_chw(img), None)[0] for img in images]
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -196,7 +198,7 @@ def _semantic_batch(lm: LoadedModel, images: list[np.ndarray], want_png: list[bo
         masks = []
         for i, img in enumerate(images):  # one at a time: full-size logits of a batch can be large
             up = F.interpolate(logits[i : i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
-            masks.append(up.argmax(1)[0].to(torch.uint8).cpu().numpy())
+            masks.append(class_indices(up)[0].to(torch.uint8).cpu().numpy())
     forward_s = time.perf_counter() - t0
     out = []
     for mask, p, png in zip(masks, probs, want_png):

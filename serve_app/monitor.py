@@ -117,13 +117,15 @@ class Monitor:
         self.cfg = MonitorConfig.model_validate(config)
         self.store = open_store(self.cfg.store or store_config_dict(self.cfg.data_dir))
         self.state: dict[str, Any] = {"engine": None, "trained": None, "jobs": [], "decisions": [],
-                                      "events": [], "schedule_fired": None, "capture": None}
+                                      "events": [], "schedule_fired": None, "capture": None,
+                                      "totals": {"alerts": {}, "jobs": {}, "decisions": {}}}
         if self.store.exists(STATE_KEY):
             self.state.update(self.store.get_json(STATE_KEY))
         self.engine = (RuleEngine.from_dict(self.state["engine"], self.cfg.rules)
                        if self.state["engine"] else RuleEngine(self.cfg.rules))
         self._reader = None
-        self._metrics = _Metrics()
+        self._metrics = _Metrics(self.cfg.rules)
+        self._metrics.publish(self.state["totals"])
         self._running = False
 
     # -- signals
@@ -151,7 +153,7 @@ class Monitor:
         for ev in self.engine.evaluate(signals, now):
             e = ev.to_dict()
             self.state["events"].append(e)
-            self._metrics.alert(e["rule"], e["state"])
+            self._count("alerts", f"{e['rule']}|{e['state']}")
             actions.append({"action": "alert", **e})
             if e["state"] == "firing":
                 actions.append(self.switch_capture(self.cfg.capture_on_alert, reason=f"alert {e['rule']}"))
@@ -160,6 +162,7 @@ class Monitor:
             actions += self.maybe_retrain(now)
         self.state["engine"] = self.engine.to_dict()
         self.save()
+        self._metrics.publish(self.state["totals"])  # every tick: Ray drops gauges that are not re-set
         return [a for a in actions if a]
 
     def switch_capture(self, policy: dict, reason: str) -> dict:
@@ -215,7 +218,7 @@ class Monitor:
         job = {"id": job_id, "status": "SUBMITTED", "dataset_version": version, "samples": samples,
                "reason": reason, "submitted": time.time()}
         self.state["jobs"].append(job)
-        self._metrics.job("submitted")
+        self._count("jobs", "submitted")
         self.save()
         return {"action": "retrain", **job}
 
@@ -228,7 +231,7 @@ class Monitor:
             job["status"] = status
             return []
         job["status"], job["ended"] = status, now
-        self._metrics.job("succeeded" if status == "SUCCEEDED" else "failed")
+        self._count("jobs", "succeeded" if status == "SUCCEEDED" else "failed")
         actions: list[dict] = [{"action": "job_ended", "id": job["id"], "status": status}]
         if status == "SUCCEEDED":
             self.state["trained"] = {"version": job["dataset_version"], "samples": job["samples"]}
@@ -251,7 +254,7 @@ class Monitor:
         decision = {"job": job["id"], "version": mv.version, "decision": mv.tags.get("segloop.decision", "unknown"),
                     "reason": mv.tags.get("segloop.reason", ""), "time": time.time()}
         self.state["decisions"].append(decision)
-        self._metrics.promotion(decision["decision"])
+        self._count("decisions", decision["decision"])
         champion = registry.champion_version(self.cfg.registered_model)
         if self.cfg.switch_serve and champion and decision["decision"] == "promoted":
             from serve_app.app import redeploy_with_version
@@ -268,6 +271,11 @@ class Monitor:
         return JobSubmissionClient(self.cfg.dashboard_url or _dashboard_url())
 
     # -- state
+    def _count(self, kind: str, key: str) -> None:
+        totals = self.state["totals"][kind]
+        totals[key] = totals.get(key, 0) + 1
+        self._metrics.publish(self.state["totals"])
+
     def save(self) -> None:
         for key in ("events", "decisions", "jobs"):
             self.state[key] = self.state[key][-200:]
@@ -294,29 +302,43 @@ class Monitor:
 
 
 class _Metrics:
-    """Decisions exported as Ray metrics (scraped with everything else)."""
+    """The actor's decisions as Ray gauges holding running totals (kept in the persisted state).
 
-    def __init__(self) -> None:
+    Gauges, not counters: every known series exists at 0 from the actor's start, so the first
+    job or promotion shows as a step (Prometheus never sees a counter's first increment, and
+    Ray cannot export a counter at 0); a restarted actor continues from the stored totals.
+    Several actor incarnations may export the same total, so dashboards take ``max by``.
+    Ray forgets a gauge value that is not set again within a metrics report period (10 s), so
+    ``publish`` runs on every tick.
+    """
+
+    JOB_STATUSES = ("submitted", "succeeded", "failed")
+    DECISIONS = ("promoted", "rejected")
+    ALERT_STATES = ("firing", "resolved")
+
+    def __init__(self, rules: list[RuleConfig]) -> None:
+        self._rules = [r.name for r in rules]
         try:
-            from ray.util.metrics import Counter
+            from ray.util.metrics import Gauge
 
-            self._alerts = Counter("segloop_monitor_alerts", "alert transitions", tag_keys=("rule", "state"))
-            self._jobs = Counter("segloop_retrain_jobs", "retraining jobs", tag_keys=("status",))
-            self._promos = Counter("segloop_promotions", "champion/challenger decisions", tag_keys=("decision",))
+            self._alerts = Gauge("segloop_monitor_alerts", "alert state changes so far, by rule and state",
+                                 tag_keys=("rule", "state"))
+            self._jobs = Gauge("segloop_retrain_jobs", "retraining jobs so far, by status", tag_keys=("status",))
+            self._promos = Gauge("segloop_promotions", "champion/challenger decisions so far", tag_keys=("decision",))
         except Exception:  # outside a Ray worker (unit tests): no metrics
             self._alerts = self._jobs = self._promos = None
 
-    def alert(self, rule: str, state: str) -> None:
-        if self._alerts:
-            self._alerts.inc(tags={"rule": rule, "state": state})
-
-    def job(self, status: str) -> None:
-        if self._jobs:
-            self._jobs.inc(tags={"status": status})
-
-    def promotion(self, decision: str) -> None:
-        if self._promos:
-            self._promos.inc(tags={"decision": decision})
+    def publish(self, totals: dict[str, dict[str, int]]) -> None:
+        if self._alerts is None:
+            return
+        alerts = {f"{r}|{s}": 0 for r in self._rules for s in self.ALERT_STATES} | totals["alerts"]
+        for key, n in alerts.items():
+            rule, _, state = key.partition("|")
+            self._alerts.set(n, tags={"rule": rule, "state": state})
+        for status, n in ({s: 0 for s in self.JOB_STATUSES} | totals["jobs"]).items():
+            self._jobs.set(n, tags={"status": status})
+        for decision, n in ({d: 0 for d in self.DECISIONS} | totals["decisions"]).items():
+            self._promos.set(n, tags={"decision": decision})
 
 
 def _dashboard_url() -> str:

@@ -469,3 +469,15 @@ def test_distributed_reduce_and_gather(tmp_path):
     target, pred = torch.randint(0, 3, (4, 8, 8), generator=g), torch.randint(0, 3, (4, 8, 8), generator=g)
     assert got["cm"] == confusion_matrix(pred, target, 3).tolist()
     assert got["stats"] == evaluate(mixed_predictions(make_coco())).stats()
+
+
+def test_class_indices_is_argmax_with_first_max_ties():
+    from train.metrics.semantic import class_indices
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 17, 9, generator=g)
+    assert torch.equal(class_indices(logits), logits.argmax(1))
+    assert torch.equal(class_indices(logits[0]), logits[0].argmax(0))
+    tied = torch.zeros(1, 3, 2, 2)
+    tied[0, 1:, 0, 0] = 1.0  # classes 1 and 2 tie: the first maximum wins, as with argmax
+    assert class_indices(tied)[0, 0, 0].item() == 1 and class_indices(tied)[0, 1, 1].item() == 0

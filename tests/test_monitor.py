@@ -26,9 +26,11 @@ def test_alert_fires_once_switches_capture_and_survives_restart(tmp_path: Path) 
     assert [a["action"] for a in acts] == ["alert", "capture"]
     assert read_policy(m.store).mode == "entropy"
     assert m.tick(now=5.0, signals=low) == []            # still firing: no second response
+    assert m.state["totals"]["alerts"] == {"low_confidence|firing": 1}
 
     restarted = make(tmp_path)                            # the actor restarts from the stored state
     assert restarted.engine.firing() == ["low_confidence"]
+    assert restarted.state["totals"]["alerts"] == {"low_confidence|firing": 1}  # totals continue
     assert restarted.tick(now=6.0, signals=low) == []
     resolved = restarted.tick(now=8.0, signals={"mean_confidence": 0.9})
     assert [a["state"] for a in resolved if a["action"] == "alert"] == ["resolved"]

@@ -272,9 +272,9 @@ def test_dashboard_covers_the_serving_metrics():
         "ray_segloop_rejections_total",
         "ray_segloop_captures_total",
         "ray_segloop_capture_queue",
-        "ray_segloop_monitor_alerts_total",
-        "ray_segloop_retrain_jobs_total",
-        "ray_segloop_promotions_total",
+        "ray_segloop_monitor_alerts",
+        "ray_segloop_retrain_jobs",
+        "ray_segloop_promotions",
         "ray_serve_deployment_replica_healthy",
         "ray_serve_num_http_requests_total",
     ):

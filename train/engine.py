@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from train.metrics.instance import CocoEvaluator, InstanceConfusionMatrix, concat_matches, fitness, match_detections, pr_curves
-from train.metrics.semantic import ConfusionMatrix, semantic_metrics
+from train.metrics.semantic import ConfusionMatrix, class_indices, semantic_metrics
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -137,7 +137,7 @@ def evaluate_semantic(
         if criterion is not None:
             loss_sum += float(criterion(logits, targets)) * images.shape[0]
         n += images.shape[0]
-        cm.update(logits.argmax(1), targets)
+        cm.update(class_indices(logits), targets)
     cm.reduce_from_all_processes()
     metrics = semantic_metrics(cm.mat, class_names)
     out = {f"val_{_key(k)}": v for k, v in metrics.items()}

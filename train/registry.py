@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from train.errors import ModelError
+from train.metrics.semantic import class_indices
 
 CHAMPION = "champion"
 WEIGHTS_FILE = "state_dict.pt"
@@ -96,7 +97,7 @@ class SegmentationPyfunc:
                 if self.meta.task == "semantic":
                     logits = self.model(xt[None])
                     logits = torch.nn.functional.interpolate(logits, size=x.shape[1:], mode="bilinear", align_corners=False)
-                    outs.append(logits.argmax(1)[0].to(torch.uint8).numpy())
+                    outs.append(class_indices(logits)[0].to(torch.uint8).numpy())
                 else:
                     o = self.model([xt])[0]
                     outs.append([

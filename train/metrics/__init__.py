@@ -17,6 +17,7 @@ from train.metrics.instance import (
 from train.metrics.plots import plot_confusion_matrix, plot_metric_confidence, plot_pr_curve, plot_training_curves
 from train.metrics.semantic import (
     ConfusionMatrix,
+    class_indices,
     confusion_matrix,
     dice_per_class,
     iou_per_class,
@@ -28,6 +29,7 @@ from train.metrics.semantic import (
 
 __all__ = [
     "CocoEvaluator",
+    "class_indices",
     "ConfusionMatrix",
     "InstanceConfusionMatrix",
     "coco_results",

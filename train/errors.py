@@ -7,6 +7,8 @@ expected, so callers can print ``str(err)`` instead of a stack trace.
 
 from __future__ import annotations
 
+import sys
+
 
 class SegloopError(Exception):
     """Base class of all user-facing segloop errors."""
@@ -26,3 +28,9 @@ class ModelError(SegloopError, ValueError):
 
 class StoreError(SegloopError, RuntimeError):
     """The object store refused an operation or holds inconsistent data."""
+
+
+def cli_error(err: BaseException, code: int = 2) -> int:
+    """What every ``python -m ...`` entry point does with an error: ``error: <message>`` on stderr, exit ``code``."""
+    print(f"error: {err}", file=sys.stderr)
+    return code

@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from train.errors import ConfigError, DatasetError, SegloopError, StoreError
+from train.errors import ConfigError, DatasetError, SegloopError, StoreError, cli_error
 from train.data.synth import dilate
 from train.store import ObjectNotFound, ObjectStore, blob_key
 
@@ -1288,11 +1288,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             added = m.notes.get("import", {}).get("captures", [])
             print(f"{m.ref}  parent={m.parent}  +{len(added)} sample(s)  files={len(m.files)}")
     except (ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli_error(err, 2)
     except SegloopError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return cli_error(err, 1)
     return 0
 
 

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from train.errors import ConfigError, DatasetError, SegloopError, StoreError
+from train.errors import ConfigError, DatasetError, SegloopError, StoreError, cli_error
 from train.store import ObjectNotFound, ObjectStore, blob_key, check_key, manifest_key
 
 FORMAT = 1
@@ -1018,11 +1018,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             verify_version(store, m)
             print(f"{m.ref}: all {len(m.files)} files ok")
     except (ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli_error(err, 2)
     except SegloopError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return cli_error(err, 1)
     return 0
 
 

@@ -61,6 +61,7 @@ class ModelSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = Field(True, description="float16 autocast on GPU (ignored on CPU)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads in the replica (0 = leave as is)")
+    channels_last: bool = Field(True, description="semantic: run the model in NHWC memory format (faster convolutions with oneDNN on CPU and tensor cores on GPU)")
     score_threshold: float = Field(0.05, ge=0, le=1, description="instance: detections below this are not returned")
 
     @field_validator("model_uri")
@@ -80,7 +81,7 @@ class ModelSettings(BaseModel):
         return (
             self.model_uri, self.mlflow_tracking_uri or "", self.model_name or "", self.task or "",
             tuple(self.class_names or ()), self.image_size or 0, repr(sorted(self.model_kwargs.items())),
-            self.device, self.half,
+            self.device, self.half, self.channels_last,
         )
 
 

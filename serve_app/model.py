@@ -56,6 +56,7 @@ class LoadedModel:
     uri: str
     device: str
     half: bool
+    channels_last: bool = False
     loaded_at: float = field(default_factory=time.time)
     transforms: Any = None
 
@@ -71,6 +72,7 @@ class LoadedModel:
             "image_size": int(self.meta.image_size),
             "device": self.device,
             "half": self.half,
+            "channels_last": self.channels_last,
             "loaded_at": self.loaded_at,
         }
 
@@ -155,9 +157,14 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     device = pick_device(settings.device)
     half = bool(settings.half and device == "cuda")
     model = model.to(device).eval()
+    channels_last = bool(settings.channels_last and meta.task == "semantic")
+    if channels_last:  # same weights and results; ~1.5x faster on 2 CPU threads (bench/serve.py)
+        import torch
+
+        model = model.to(memory_format=torch.channels_last)
     return LoadedModel(
         model=model, meta=meta, name=name, version=str(version), uri=settings.model_uri, device=device, half=half,
-        transforms=eval_transforms(meta.task, meta.image_size),
+        channels_last=channels_last, transforms=eval_transforms(meta.task, meta.image_size),
     )
 
 
@@ -191,6 +198,8 @@ def _semantic_batch(lm: LoadedModel, images: list[np.ndarray], want_png: list[bo
     t0 = time.perf_counter()
     with torch.inference_mode():
         x = torch.stack(xs).to(lm.device, non_blocking=True)
+        if lm.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(lm):
             logits = lm.model(x)
         logits = logits.float()

@@ -40,6 +40,23 @@ def register_model(data_dir: str | Path, registered: str, spec: dict, seed: int 
     return version
 
 
+def save_checkpoint(path: Path, spec: dict, model=None, seed: int = 0) -> Path:
+    """A checkpoint in train/loop.py's format (model state + config + classes) for ``checkpoint:`` URIs;
+    ``model`` defaults to an untrained one built from ``spec`` (seeded)."""
+    import torch
+
+    from train.models import build_model, model_task
+
+    if model is None:
+        torch.manual_seed(seed)
+        model = build_model(spec["model"], len(spec["class_names"]), **spec["model_kwargs"])
+    config = {"model": spec["model"], "task": model_task(spec["model"]), "image_size": spec["image_size"],
+              "model_kwargs": dict(spec["model_kwargs"])}
+    torch.save({"model": model.state_dict(), "config": config, "num_classes": len(spec["class_names"]),
+                "class_names": list(spec["class_names"])}, path)
+    return path
+
+
 def image_bytes(seed: int = 0, size: tuple[int, int] = (64, 64), fmt: str = "JPEG", mode: str = "RGB", **save) -> bytes:
     """A synthetic pet image (train.data.synth) resized to ``size`` (w, h), encoded as ``fmt``."""
     from train.data.synth import render_pet

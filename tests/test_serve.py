@@ -21,7 +21,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import free_port
-from tests.serve_helpers import INSTANCE, SEMANTIC, image_bytes, register_model, shapes_bytes
+from tests.serve_helpers import INSTANCE, SEMANTIC, image_bytes, register_model, save_checkpoint, shapes_bytes
 
 SEM_APP, INST_APP = "segloop-sem", "segloop-inst"
 SEM_MODEL = "serve-test-sem"
@@ -42,21 +42,7 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def instance_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint in train/loop.py's format: model state + config + classes."""
-    import torch
-
-    from train.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model(INSTANCE["model"], len(INSTANCE["class_names"]), **INSTANCE["model_kwargs"])
-    path = tmp_path_factory.mktemp("ckpt") / "instance.pt"
-    torch.save({
-        "model": model.state_dict(),
-        "config": {"model": INSTANCE["model"], "task": "instance", "image_size": INSTANCE["image_size"], "model_kwargs": INSTANCE["model_kwargs"]},
-        "num_classes": len(INSTANCE["class_names"]),
-        "class_names": INSTANCE["class_names"],
-    }, path)
-    return path
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "instance.pt", INSTANCE)
 
 
 @pytest.fixture(scope="module")

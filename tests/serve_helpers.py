@@ -1,4 +1,4 @@
-"""Helpers for the serving tests and benchmark: register untrained tiny models in MLflow."""
+"""Helpers for the serving tests: untrained tiny models in MLflow or as checkpoint files, test images."""
 
 from __future__ import annotations
 

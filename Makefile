@@ -9,12 +9,13 @@ DATA   ?= .segloop
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: help install system-deps demo test test-fast prometheus bench clean
+.PHONY: help install system-deps demo lint test test-fast prometheus bench clean
 
 help:
 	@echo "make demo   - install and run the whole loop locally (data, train, serve, monitor, retrain, promote)"
 	@echo "make test   - install and run the test suite"
 	@echo "make test-fast - tests without those marked slow"
+	@echo "make lint   - ruff lint and format check (make test runs it first)"
 	@echo "make prometheus - run Prometheus against the local Ray cluster (monitoring/prometheus.yml)"
 	@echo "make bench  - run the benchmarks in bench/"
 
@@ -36,12 +37,17 @@ system-deps:
 	  || echo "warning: could not install prometheus; the promtool/prometheus tests will fail"; }
 
 demo: install
-	$(PY) -m serve_app.demo --data-dir $(DATA)/demo $(DEMO_ARGS)
+	$(VENV)/bin/segloop demo --data-dir $(DATA)/demo $(DEMO_ARGS)
 
-test: install
+# Lint and format check first (ruff, configured in pyproject.toml), then the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 prometheus: install

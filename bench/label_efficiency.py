@@ -40,8 +40,13 @@ def train_and_score(cfg, datasets, holdout, seed: int) -> tuple[object, float]:
     cpu = torch.device("cpu")
     for _ in range(cfg.epochs):
         train_one_epoch(model, crit, opt, loader, cpu, task="semantic", scheduler=sched)
-    metrics, _ = evaluate_semantic(model, make_loader(holdout, cfg, shuffle=False, task="semantic"), cpu,
-                                   num_classes=3, class_names=("background", "pet", "border"))
+    metrics, _ = evaluate_semantic(
+        model,
+        make_loader(holdout, cfg, shuffle=False, task="semantic"),
+        cpu,
+        num_classes=3,
+        class_names=("background", "pet", "border"),
+    )
     return model, metrics["val_miou"]
 
 
@@ -103,8 +108,10 @@ def main() -> None:
                 results[name].append(score)
 
     m = machine_info()
-    print(f"\n### Label efficiency — {k} annotated shifted samples, {args.reps} repetitions, "
-          f"lraspp_mobilenet_v3_large {args.size}px, {args.epochs} epochs\n")
+    print(
+        f"\n### Label efficiency — {k} annotated shifted samples, {args.reps} repetitions, "
+        f"lraspp_mobilenet_v3_large {args.size}px, {args.epochs} epochs\n"
+    )
     print(f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}\n")
     print("| selection | shifted held-out mIoU (mean ± std) | runs |")
     print("| --- | ---: | --- |")

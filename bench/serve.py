@@ -60,16 +60,21 @@ def make_checkpoint(model_name: str, image_size: int, out: Path, seed: int = 0) 
 
     task = model_task(model_name)
     classes = ["background", "pet", "border"] if task == "semantic" else ["background", "ball", "box", "tri"]
-    kwargs = {} if task == "semantic" else {"min_size": image_size, "max_size": image_size, "box_detections_per_img": 20}
+    kwargs = (
+        {} if task == "semantic" else {"min_size": image_size, "max_size": image_size, "box_detections_per_img": 20}
+    )
     torch.manual_seed(seed)
     model = build_model(model_name, len(classes), **kwargs)
     path = out / "bench_model.pt"
-    torch.save({
-        "model": model.state_dict(),
-        "config": {"model": model_name, "task": task, "image_size": image_size, "model_kwargs": kwargs},
-        "num_classes": len(classes),
-        "class_names": classes,
-    }, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": {"model": model_name, "task": task, "image_size": image_size, "model_kwargs": kwargs},
+            "num_classes": len(classes),
+            "class_names": classes,
+        },
+        path,
+    )
     return path
 
 
@@ -89,8 +94,11 @@ def settings(checkpoint: Path, batch: int, threads: int, wait_s: float):
     from serve_app.config import ModelSettings
 
     return ModelSettings(
-        model_uri=f"checkpoint:{checkpoint}", poll_interval_s=0, max_batch_size=batch,
-        batch_wait_timeout_s=wait_s, torch_threads=threads,
+        model_uri=f"checkpoint:{checkpoint}",
+        poll_interval_s=0,
+        max_batch_size=batch,
+        batch_wait_timeout_s=wait_s,
+        torch_threads=threads,
     )
 
 
@@ -107,7 +115,13 @@ def machine_info() -> dict[str, str]:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "gpu": gpu, "torch": torch.__version__, "load_1min": f"{load:.1f}"}
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "load_1min": f"{load:.1f}",
+    }
 
 
 # ----------------------------------------------------------------------------- load generation
@@ -240,7 +254,9 @@ def start_flask(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(
         [sys.executable, __file__, "--flask-server", str(checkpoint), "--port", str(port), "--threads", str(threads)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -259,18 +275,24 @@ def start_flask(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
 # ----------------------------------------------------------------------------- serve
 
 
-def start_serve(checkpoint: Path, batch: int, threads: int, wait_s: float, max_concurrency: int, replicas: int = 1) -> str:
+def start_serve(
+    checkpoint: Path, batch: int, threads: int, wait_s: float, max_concurrency: int, replicas: int = 1
+) -> str:
     import ray
 
-    from serve_app.app import deploy
+    from monitoring.serving import deploy
     from serve_app.config import AppArgs
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     model = settings(checkpoint, batch, threads, wait_s).model_dump()
     args = AppArgs(
-        model=model, model_num_replicas=replicas, model_num_cpus=1, ingress_num_cpus=0,
-        model_max_ongoing_requests=max(batch, 16), model_max_queued_requests=max(4 * max_concurrency, 64),
+        model=model,
+        model_num_replicas=replicas,
+        model_num_cpus=1,
+        ingress_num_cpus=0,
+        model_max_ongoing_requests=max(batch, 16),
+        model_max_queued_requests=max(4 * max_concurrency, 64),
     )
     deploy(args, "segloop-bench", "/", http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}/predict"
@@ -311,10 +333,16 @@ def table(info: dict, results: dict, concurrency: list[int], batch: int, args: a
         parts = [f"concurrency {c}:"]
         if s and limit:
             ratio = s["throughput"] / limit["throughput"]
-            parts.append(f"serve/in-process = {ratio:.2f}" + (" (target >= 0.8: " + ("met" if ratio >= 0.8 else "NOT met") + ")" if c == 8 else ""))
+            parts.append(
+                f"serve/in-process = {ratio:.2f}"
+                + (" (target >= 0.8: " + ("met" if ratio >= 0.8 else "NOT met") + ")" if c == 8 else "")
+            )
         if s and f:
             ratio = s["throughput"] / f["throughput"]
-            parts.append(f"serve/flask = {ratio:.2f}" + (" (target >= 1.3: " + ("met" if ratio >= 1.3 else "NOT met") + ")" if c == 8 else ""))
+            parts.append(
+                f"serve/flask = {ratio:.2f}"
+                + (" (target >= 1.3: " + ("met" if ratio >= 1.3 else "NOT met") + ")" if c == 8 else "")
+            )
         lines.append("- " + ", ".join(parts))
     return "\n".join(lines)
 
@@ -355,27 +383,35 @@ def main(argv: list[str] | None = None) -> int:
     if "in-process" in systems:
         print("in-process ...", file=sys.stderr, flush=True)
         results[("in-process (batched)", f"batch {args.batch}")] = median_run(
-            lambda: bench_in_process(checkpoint, images, args.requests, args.batch, args.threads), args.rounds)
+            lambda: bench_in_process(checkpoint, images, args.requests, args.batch, args.threads), args.rounds
+        )
         results[("in-process (batched)", "batch 1")] = median_run(
-            lambda: bench_in_process(checkpoint, images, max(args.requests // 2, 1), 1, args.threads), args.rounds)
+            lambda: bench_in_process(checkpoint, images, max(args.requests // 2, 1), 1, args.threads), args.rounds
+        )
     if "flask" in systems:
         print("flask ...", file=sys.stderr, flush=True)
         proc, url = start_flask(checkpoint, args.threads)
         try:
             drive_http(url, images, warm, 1)
             for c in concurrency:
-                results[("flask", c)] = median_run(lambda: drive_http(url, images, args.requests, c), args.rounds)
+                results[("flask", c)] = median_run(lambda c=c: drive_http(url, images, args.requests, c), args.rounds)
         finally:
             proc.kill()
             proc.wait()
     if "serve" in systems:
         print("serve ...", file=sys.stderr, flush=True)
-        url = start_serve(checkpoint, args.batch, args.serve_threads or args.threads, args.wait_ms / 1000,
-                          max(concurrency), args.replicas)
+        url = start_serve(
+            checkpoint,
+            args.batch,
+            args.serve_threads or args.threads,
+            args.wait_ms / 1000,
+            max(concurrency),
+            args.replicas,
+        )
         try:
             drive_http(url, images, warm * 2, max(concurrency))
             for c in concurrency:
-                results[("serve", c)] = median_run(lambda: drive_http(url, images, args.requests, c), args.rounds)
+                results[("serve", c)] = median_run(lambda c=c: drive_http(url, images, args.requests, c), args.rounds)
         finally:
             stop_serve()
     print(table(info, results, concurrency, args.batch, args))

@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,8 +50,17 @@ def plain_loop(cfg, root: Path, threads: int) -> float:
     crit = SegmentationLoss(cfg.ce_weight, cfg.dice_weight)
     rates = []
     for _ in range(cfg.epochs):
-        r = train_one_epoch(model, crit, opt, loader, device, task=cfg.task, scheduler=sched, scaler=scaler,
-                            amp=cfg.amp and device.type == "cuda")
+        r = train_one_epoch(
+            model,
+            crit,
+            opt,
+            loader,
+            device,
+            task=cfg.task,
+            scheduler=sched,
+            scaler=scaler,
+            amp=cfg.amp and device.type == "cuda",
+        )
         rates.append(r["images"] / r["seconds"])
     return statistics.mean(rates[1:])
 
@@ -66,14 +74,19 @@ def ray_loop(cfg, root: Path, workers: int, cpus_per_worker: float) -> float:
 
     c = cfg.model_copy(update={"num_workers": workers, "cpus_per_worker": cpus_per_worker})
     loop_config = c.model_dump(mode="json") | {
-        "dataset_path": str(root), "mlflow_run_id": None, "mlflow_tracking_uri": None,
-        "num_classes": 3, "class_names": ["background", "pet", "border"],
+        "dataset_path": str(root),
+        "mlflow_run_id": None,
+        "mlflow_tracking_uri": None,
+        "num_classes": 3,
+        "class_names": ["background", "pet", "border"],
     }
     with tempfile.TemporaryDirectory() as storage:
         trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu is True,
-                                         resources_per_worker={"CPU": cpus_per_worker}),
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(
+                num_workers=workers, use_gpu=cfg.use_gpu is True, resources_per_worker={"CPU": cpus_per_worker}
+            ),
             run_config=RunConfig(name=f"bench-{workers}", storage_path=storage),
         )
         result = trainer.fit()
@@ -102,16 +115,28 @@ def main() -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as d:
         root = generate_pets(Path(d) / "pets", n=args.n, seed=0, size=args.size)
-        cfg = TrainConfig(dataset=str(root), model=args.model, image_size=args.size, epochs=args.epochs,
-                          batch_size=args.batch_size, patience=0, use_gpu=bool(args.gpu), amp=args.amp)
+        cfg = TrainConfig(
+            dataset=str(root),
+            model=args.model,
+            image_size=args.size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            patience=0,
+            use_gpu=bool(args.gpu),
+            amp=args.amp,
+        )
         plain = plain_loop(cfg, root, threads=cores)
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         one = ray_loop(cfg, root, 1, float(cores))
-        two = ray_loop(cfg, root, 2, cores / 2) if (not args.gpu or ray.cluster_resources().get("GPU", 0) >= 2) else None
+        two = (
+            ray_loop(cfg, root, 2, cores / 2) if (not args.gpu or ray.cluster_resources().get("GPU", 0) >= 2) else None
+        )
         ray.shutdown()
 
-    print(f"\n### Training throughput — {args.model}, {args.size}px, batch {args.batch_size}, "
-          f"{'GPU' if args.gpu else 'CPU'}{' AMP' if args.amp else ''}\n")
+    print(
+        f"\n### Training throughput — {args.model}, {args.size}px, batch {args.batch_size}, "
+        f"{'GPU' if args.gpu else 'CPU'}{' AMP' if args.amp else ''}\n"
+    )
     print(f"Machine: {machine()}\n")
     print("| system | images/s | ratio vs plain loop |")
     print("| --- | ---: | ---: |")

@@ -25,7 +25,7 @@ that :func:`write_policy` writes, so one write reaches every replica without a r
   entropies are strictly higher. While fewer than ``window`` predictions have been seen the
   decision uses the ones seen so far.
 
-Store layout of one capture (keys from :func:`train.store.capture_keys`; written in this order,
+Store layout of one capture (keys from :func:`dataplane.store.capture_keys`; written in this order,
 so a listed ``.json`` always has its image)::
 
     captures/<yyyy-mm-dd>/<id>.<ext>        the original request bytes (jpg, png, webp, ...)
@@ -39,62 +39,37 @@ sort by time and the day folder follows from the id.
 
 from __future__ import annotations
 
-import base64
 import collections
 import datetime as _dt
 import functools
-import hashlib
 import logging
 import math
 import queue
 import random
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from train.errors import ConfigError
-from train.queue import METADATA_FORMAT, image_format, new_capture_id
-from train.store import ObjectStore, StoreConfig, capture_keys, check_key, open_store, store_config_from_url
+from dataplane.capture import (
+    CapturePolicy,
+    StoreSpec,
+    build_metadata,
+    finite_or_none,
+    new_capture_id,
+    parse_policy,
+    store_factory_from,
+)
+from dataplane.store import ObjectStore
+from segloop.errors import ConfigError
 
 logger = logging.getLogger("ray.serve")
 
-POLICY_KEY = "control/capture_policy.json"
 STATUSES = ("stored", "dropped", "skipped")
 
 
 # ----------------------------------------------------------------------------- policy
-
-
-class CapturePolicy(BaseModel):
-    """Which predictions to keep; see the module docstring for the modes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mode: Literal["off", "all", "entropy", "top_fraction"] = "off"
-    threshold: float = Field(0.5, ge=0.0, le=1.0, description="entropy mode: capture when entropy >= threshold")
-    fraction: float = Field(0.1, gt=0.0, le=1.0, description="top_fraction mode: share of recent traffic to keep")
-    window: int = Field(200, ge=1, le=100_000, description="top_fraction mode: recent predictions to rank against")
-
-
-def parse_policy(policy: Union[CapturePolicy, Mapping[str, Any], str, None]) -> CapturePolicy:
-    """A CapturePolicy from a policy, a dict, or a mode name; ConfigError naming the problem."""
-    if policy is None:
-        return CapturePolicy()
-    if isinstance(policy, CapturePolicy):
-        return policy
-    if isinstance(policy, str):
-        policy = {"mode": policy}
-    if not isinstance(policy, Mapping):
-        raise ConfigError(f"capture policy must be a mapping like {{'mode': 'entropy', 'threshold': 0.6}}, got {policy!r}")
-    try:
-        return CapturePolicy.model_validate(dict(policy))
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"]) or "(root)"
-        raise ConfigError(f"invalid capture policy {dict(policy)!r}: {loc}: {first['msg']}") from None
 
 
 class PolicyState:
@@ -119,7 +94,7 @@ class PolicyState:
 
     def should_capture(self, entropy: Any) -> bool:
         """Decide for one prediction (and record its entropy). Missing/NaN entropy: only ``all``."""
-        e = _finite(entropy)
+        e = finite_or_none(entropy)
         with self._lock:
             p = self.policy
             if e is not None:
@@ -136,47 +111,7 @@ class PolicyState:
             return higher < k
 
 
-def _finite(x: Any) -> Optional[float]:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 # ----------------------------------------------------------------------------- policy in the store
-
-
-def write_policy(store: ObjectStore, policy: Union[CapturePolicy, Mapping[str, Any], str], key: str = POLICY_KEY) -> CapturePolicy:
-    """Publish a policy that every Capturer with :func:`store_policy_source` picks up."""
-    p = parse_policy(policy)
-    store.put_json(check_key(key), p.model_dump())
-    return p
-
-
-def read_policy(store: ObjectStore, key: str = POLICY_KEY) -> Optional[CapturePolicy]:
-    """The published policy, or None when none is published."""
-    from train.store import ObjectNotFound
-
-    try:
-        data = store.get_json(check_key(key))
-    except ObjectNotFound:
-        return None
-    return parse_policy(data)
-
-
-def store_policy_source(store: Union[ObjectStore, StoreConfig, Mapping[str, Any], str, Callable[[], ObjectStore]],
-                        key: str = POLICY_KEY) -> Callable[[], Optional[CapturePolicy]]:
-    """A ``policy_source`` for :class:`Capturer` that reads the policy :func:`write_policy` published."""
-    factory = store_factory_from(store)
-    holder: list[ObjectStore] = []
-
-    def source() -> Optional[CapturePolicy]:
-        if not holder:
-            holder.append(factory())
-        return read_policy(holder[0], key)
-
-    return source
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -214,133 +149,7 @@ def ray_capture_metrics() -> RayCaptureMetrics:
 # ----------------------------------------------------------------------------- store factory
 
 
-StoreSpec = Union[ObjectStore, StoreConfig, Mapping[str, Any], str, Callable[[], ObjectStore]]
-
-
-def store_factory_from(spec: StoreSpec) -> Callable[[], ObjectStore]:
-    """A zero-argument callable that opens the store ``spec`` names.
-
-    ``spec``: an ObjectStore; a StoreConfig or its dict (what the Serve app passes; S3
-    credentials come from the replica's environment); a store URL (local path or
-    ``s3://bucket``); or a callable returning a store. Configs are validated here, the
-    store itself is opened on first use in the writer thread.
-    """
-    if isinstance(spec, ObjectStore):
-        return lambda: spec
-    if isinstance(spec, StoreConfig):
-        return lambda: open_store(spec)
-    if isinstance(spec, Mapping):
-        from train.config import validate
-
-        cfg = validate(StoreConfig, dict(spec), source="capture store config")
-        return lambda: open_store(cfg)
-    if isinstance(spec, str):
-        cfg = store_config_from_url(spec)
-        return lambda: open_store(cfg)
-    if callable(spec):
-        return spec
-    raise ConfigError(f"capture store must be an ObjectStore, a StoreConfig (dict), a URL or a callable, got {spec!r}")
-
-
 # ----------------------------------------------------------------------------- metadata
-
-
-def _utc_iso(t: _dt.datetime) -> str:
-    return t.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _mask_png(record: Mapping[str, Any]) -> Optional[bytes]:
-    data = record.get("mask_png")
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    text = record.get("mask_png_base64")
-    if isinstance(text, str) and text:
-        return base64.b64decode(text)
-    return None
-
-
-def _num(x: Any) -> Optional[float]:
-    return _finite(x)
-
-
-def build_metadata(
-    capture_id: str,
-    when: _dt.datetime,
-    image: bytes,
-    content_type: Optional[str],
-    record: Mapping[str, Any],
-    policy: Optional[CapturePolicy] = None,
-) -> tuple[dict[str, Any], dict[str, bytes], str]:
-    """``(metadata, {key: bytes} to write before the JSON, json_key)`` of one capture.
-
-    Metadata (format 1)::
-
-        format, id, time (ISO UTC), entropy, confidence, task,
-        model {name, version, uri}, model_version,
-        image_key, content_type, image_sha256, image_bytes, width, height,
-        prediction      semantic: {class_names, class_fractions}
-                        instance: {class_names, num_instances, counts {class: n}, mean_score}
-        preannotation   semantic: {kind: "mask_png", key, encoding}
-                        instance: {kind: "coco_instances", instances: [{category_id, category_name,
-                                   score, bbox [x,y,w,h], segmentation {size, counts}}]}  (COCO RLE)
-                        or null when the response carried no mask
-        policy          the policy that selected the sample
-    """
-    fmt, ext, mime = image_format(image, content_type)
-    data_key, json_key = capture_keys(capture_id, ext, when)
-    task = record.get("task")
-    model = record.get("model") if isinstance(record.get("model"), Mapping) else {}
-    model = {k: (str(model[k]) if model.get(k) is not None else None) for k in ("name", "version", "uri")}
-    version = record.get("model_version", model.get("version"))
-    class_names = [str(c) for c in record.get("class_names") or []]
-    objects: dict[str, bytes] = {data_key: image}
-    prediction: dict[str, Any] = {"class_names": class_names}
-    preannotation: Optional[dict[str, Any]] = None
-    if task == "instance":
-        instances = [dict(i) for i in record.get("instances") or [] if isinstance(i, Mapping)]
-        counts: dict[str, int] = {}
-        for inst in instances:
-            name = str(inst.get("category_name", inst.get("category_id")))
-            counts[name] = counts.get(name, 0) + 1
-        scores = [s for s in (_num(i.get("score")) for i in instances) if s is not None]
-        prediction.update(
-            num_instances=len(instances), counts=counts, mean_score=(sum(scores) / len(scores)) if scores else None
-        )
-        keep = ("category_id", "category_name", "score", "bbox", "segmentation")
-        preannotation = {"kind": "coco_instances", "instances": [{k: i.get(k) for k in keep} for i in instances]}
-    else:
-        fractions = record.get("class_fractions")
-        prediction["class_fractions"] = dict(fractions) if isinstance(fractions, Mapping) else None
-        mask = _mask_png(record)
-        if mask is not None:
-            mask_key = json_key[: -len(".json")] + ".mask.png"
-            objects[mask_key] = mask
-            preannotation = {
-                "kind": "mask_png",
-                "key": mask_key,
-                "encoding": "palette PNG, pixel value = class index into class_names",
-            }
-    meta = {
-        "format": METADATA_FORMAT,
-        "id": capture_id,
-        "time": _utc_iso(when),
-        "entropy": _num(record.get("entropy")),
-        "confidence": _num(record.get("confidence")),
-        "task": task,
-        "model": model,
-        "model_version": str(version) if version is not None else None,
-        "image_key": data_key,
-        "image_format": fmt,
-        "content_type": mime,
-        "image_sha256": hashlib.sha256(image).hexdigest(),
-        "image_bytes": len(image),
-        "width": int(record["width"]) if isinstance(record.get("width"), int) else None,
-        "height": int(record["height"]) if isinstance(record.get("height"), int) else None,
-        "prediction": prediction,
-        "preannotation": preannotation,
-        "policy": policy.model_dump() if policy is not None else None,
-    }
-    return meta, objects, json_key
 
 
 # ----------------------------------------------------------------------------- capturer
@@ -420,7 +229,9 @@ class Capturer:
         logger.info("capture policy: %s", new.model_dump())
         return new
 
-    def offer(self, image_bytes: bytes, content_type: Optional[str] = None, record: Optional[Mapping[str, Any]] = None) -> bool:
+    def offer(
+        self, image_bytes: bytes, content_type: Optional[str] = None, record: Optional[Mapping[str, Any]] = None
+    ) -> bool:
         """Capture this prediction if the policy selects it; True when it was queued.
 
         ``record``: the prediction's response fields (``entropy``, ``confidence``, ``task``,
@@ -441,7 +252,7 @@ class Capturer:
                     raise queue.Full
                 reserved = len(image_bytes)
                 self._queued_bytes += reserved
-            when = _dt.datetime.now(_dt.timezone.utc)
+            when = _dt.datetime.now(_dt.UTC)
             item = _Item(new_capture_id(when), when, bytes(image_bytes), content_type, dict(record), self._state.policy)
             self._queue.put_nowait(item)
         except Exception as err:  # noqa: BLE001 - capture must never fail a prediction
@@ -491,7 +302,7 @@ class Capturer:
             self._queue.task_done()
         self._gauge()
 
-    def __enter__(self) -> "Capturer":
+    def __enter__(self) -> Capturer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

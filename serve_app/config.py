@@ -13,31 +13,11 @@ travel differently:
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-APP_NAME = "segloop"
-MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?$")
-
-
-def parse_model_uri(uri: str) -> tuple[str, str, str | None]:
-    """``models:/NAME@alias`` -> ("registry", NAME, alias); ``models:/NAME/3`` -> ("registry", NAME, "3");
-    ``models:/NAME`` -> the champion; ``checkpoint:/path.pt`` -> ("checkpoint", path, None)."""
-    if uri.startswith("checkpoint:"):
-        path = uri[len("checkpoint:"):]
-        if path.startswith("//"):  # checkpoint:///abs/path
-            path = path[2:]
-        if not path:
-            raise ValueError(f"model_uri {uri!r} names no checkpoint file")
-        return "checkpoint", path, None
-    m = MODELS_URI.match(uri)
-    if not m:
-        raise ValueError(
-            f"model_uri {uri!r} is not 'models:/NAME@ALIAS', 'models:/NAME/VERSION' or 'checkpoint:/path/to/file.pt'"
-        )
-    return "registry", m["name"], m["version"] or m["alias"] or "champion"
+from train.model_ref import parse_model_uri
 
 
 class ModelSettings(BaseModel):
@@ -45,9 +25,15 @@ class ModelSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_uri: str = Field("models:/segloop-pets@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or checkpoint:/path.pt")
-    mlflow_tracking_uri: Optional[str] = Field(None, description="MLflow store; replicas are separate processes, so it is passed explicitly")
-    poll_interval_s: float = Field(5.0, ge=0, description="re-resolve an alias this often and hot-swap on change (0 = off)")
+    model_uri: str = Field(
+        "models:/segloop-pets@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or checkpoint:/path.pt"
+    )
+    mlflow_tracking_uri: Optional[str] = Field(
+        None, description="MLflow store; replicas are separate processes, so it is passed explicitly"
+    )
+    poll_interval_s: float = Field(
+        5.0, ge=0, description="re-resolve an alias this often and hot-swap on change (0 = off)"
+    )
     # only for checkpoint:/ files that lack a training config
     model_name: Optional[str] = None
     task: Optional[Literal["semantic", "instance"]] = None
@@ -61,7 +47,10 @@ class ModelSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = Field(True, description="float16 autocast on GPU (ignored on CPU)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads in the replica (0 = leave as is)")
-    channels_last: bool = Field(True, description="semantic: run the model in NHWC memory format (faster convolutions with oneDNN on CPU and tensor cores on GPU)")
+    channels_last: bool = Field(
+        True,
+        description="semantic: run the model in NHWC memory format (faster convolutions with oneDNN on CPU and tensor cores on GPU)",
+    )
     score_threshold: float = Field(0.05, ge=0, le=1, description="instance: detections below this are not returned")
 
     @field_validator("model_uri")
@@ -79,9 +68,16 @@ class ModelSettings(BaseModel):
     def model_source(self) -> tuple[str, ...]:
         """What identifies the weights to load (a change means: load a new model)."""
         return (
-            self.model_uri, self.mlflow_tracking_uri or "", self.model_name or "", self.task or "",
-            tuple(self.class_names or ()), self.image_size or 0, repr(sorted(self.model_kwargs.items())),
-            self.device, self.half, self.channels_last,
+            self.model_uri,
+            self.mlflow_tracking_uri or "",
+            self.model_name or "",
+            self.task or "",
+            tuple(self.class_names or ()),
+            self.image_size or 0,
+            repr(sorted(self.model_kwargs.items())),
+            self.device,
+            self.half,
+            self.channels_last,
         )
 
 
@@ -93,7 +89,7 @@ class Autoscaling(BaseModel):
     target_ongoing_requests: float = Field(8, gt=0)
 
     @model_validator(mode="after")
-    def _order(self) -> "Autoscaling":
+    def _order(self) -> Autoscaling:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
         return self
@@ -104,7 +100,9 @@ class CaptureArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    store: Optional[dict] = Field(None, description="train.store.StoreConfig; None: SEGLOOP_STORE or ./.segloop/store")
+    store: Optional[dict] = Field(
+        None, description="dataplane.store.StoreConfig; None: SEGLOOP_STORE or ./.segloop/store"
+    )
     policy: dict = Field(default_factory=lambda: {"mode": "off"}, description="initial policy; the store's copy wins")
     queue_size: int = Field(256, ge=1)
     max_retries: int = Field(5, ge=0)
@@ -117,7 +115,9 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelSettings = Field(default_factory=ModelSettings)
-    data_dir: Optional[str] = Field(None, description="segloop data dir: the default MLflow store is <data_dir>/mlflow.db")
+    data_dir: Optional[str] = Field(
+        None, description="segloop data dir: the default MLflow store is <data_dir>/mlflow.db"
+    )
     capture: Optional[CaptureArgs] = Field(default_factory=CaptureArgs, description="None disables capture")
     # request limits
     max_body_bytes: int = Field(10 * 2**20, ge=1024)
@@ -139,7 +139,7 @@ class AppArgs(BaseModel):
     ingress_num_cpus: float = Field(0.5, ge=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "AppArgs":
+    def _check(self) -> AppArgs:
         if self.model_max_ongoing_requests < self.model.max_batch_size:
             raise ValueError(
                 f"model_max_ongoing_requests ({self.model_max_ongoing_requests}) caps the batch size; "
@@ -153,7 +153,7 @@ class AppArgs(BaseModel):
         """The user_config the replicas get: the tracking URI made explicit (replicas are other processes)."""
         uri = self.model.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri and self.data_dir:
-            from train.tracking import tracking_uri
+            from segloop.settings import tracking_uri
 
             uri = tracking_uri(self.data_dir)
         return self.model.model_copy(update={"mlflow_tracking_uri": uri})

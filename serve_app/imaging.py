@@ -26,12 +26,26 @@ MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"RIFF", "WEBP"))
 
 REASONS = (
-    "empty_body", "not_an_image", "truncated", "unsupported_format", "too_many_pixels",
-    "body_too_large", "unauthorized", "overloaded", "internal",
+    "empty_body",
+    "not_an_image",
+    "truncated",
+    "unsupported_format",
+    "too_many_pixels",
+    "body_too_large",
+    "unauthorized",
+    "overloaded",
+    "internal",
 )
 STATUS = {
-    "empty_body": 400, "not_an_image": 400, "truncated": 400, "unsupported_format": 415,
-    "too_many_pixels": 413, "body_too_large": 413, "unauthorized": 401, "overloaded": 503, "internal": 500,
+    "empty_body": 400,
+    "not_an_image": 400,
+    "truncated": 400,
+    "unsupported_format": 415,
+    "too_many_pixels": 413,
+    "body_too_large": 413,
+    "unauthorized": 401,
+    "overloaded": 503,
+    "internal": 500,
 }
 
 
@@ -66,9 +80,14 @@ class ImageHeader:
 
 def check_body_size(n: int, limits: ImageLimits) -> None:
     if n == 0:
-        raise ImageRejected("empty_body", "the request body is empty; send the image bytes (JPEG, PNG or WebP) or a multipart field 'file'")
+        raise ImageRejected(
+            "empty_body",
+            "the request body is empty; send the image bytes (JPEG, PNG or WebP) or a multipart field 'file'",
+        )
     if n > limits.max_bytes:
-        raise ImageRejected("body_too_large", f"the request body has {n} bytes, more than the limit of {limits.max_bytes} bytes")
+        raise ImageRejected(
+            "body_too_large", f"the request body has {n} bytes, more than the limit of {limits.max_bytes} bytes"
+        )
 
 
 def _sniff(data: bytes) -> str | None:
@@ -91,7 +110,10 @@ def probe(data: bytes, limits: ImageLimits) -> ImageHeader:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         fmt = _sniff(data)
         if fmt is not None:
-            raise ImageRejected("truncated", f"the body starts like a {fmt} file but its header cannot be read (truncated or corrupt): {err}") from None
+            raise ImageRejected(
+                "truncated",
+                f"the body starts like a {fmt} file but its header cannot be read (truncated or corrupt): {err}",
+            ) from None
         raise ImageRejected("not_an_image", "the body is not an image (expected JPEG, PNG or WebP bytes)") from None
     if header.format not in SUPPORTED_FORMATS:
         raise ImageRejected(
@@ -138,7 +160,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> np.ndarray:
     except Image.DecompressionBombError as err:
         raise ImageRejected("too_many_pixels", f"the image is too large to decode: {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageRejected("truncated", f"the {header.format} image cannot be decoded (truncated or corrupt): {err}") from None
+        raise ImageRejected(
+            "truncated", f"the {header.format} image cannot be decoded (truncated or corrupt): {err}"
+        ) from None
     if array.ndim != 3 or array.shape[2] != 3:  # pragma: no cover - convert("RGB") guarantees it
         raise ImageRejected("not_an_image", f"decoded image has shape {array.shape}, expected [H, W, 3]")
     return np.ascontiguousarray(array)
@@ -152,7 +176,9 @@ def multipart_file(body: bytes, content_type: str, field: str = "file") -> bytes
     """
     if "boundary=" not in content_type:
         raise ImageRejected("not_an_image", "multipart/form-data request without a boundary parameter")
-    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
     if not message.is_multipart():
         raise ImageRejected("not_an_image", "the multipart/form-data body cannot be parsed")
     names = []
@@ -162,4 +188,6 @@ def multipart_file(body: bytes, content_type: str, field: str = "file") -> bytes
         if name == field:
             payload = part.get_payload(decode=True)
             return payload or b""
-    raise ImageRejected("empty_body", f"multipart body has no field {field!r} (fields: {names}); send the image as 'file'")
+    raise ImageRejected(
+        "empty_body", f"multipart body has no field {field!r} (fields: {names}); send the image as 'file'"
+    )

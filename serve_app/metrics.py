@@ -13,18 +13,18 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-UNIT_BOUNDARIES = [round(0.05 * i, 2) for i in range(1, 20)] + [0.99, 1.0]  # 1.0: Ray sums +Inf at 2x the last bound
-LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
-
-# Ray-side names; Prometheus sees "ray_" + name (+ "_total" for counters, "_bucket/_sum/_count" for histograms).
-PREDICTIONS = "segloop_predictions"
-REQUEST_LATENCY = "segloop_request_latency_s"
-MODEL_LATENCY = "segloop_model_latency_s"
-CONFIDENCE = "segloop_confidence"
-ENTROPY = "segloop_entropy"
-BATCH_SIZE = "segloop_batch_size"
-REJECTIONS = "segloop_rejections"
+from monitoring.metric_names import (  # the names the watch side reads
+    BATCH_BOUNDARIES,
+    BATCH_SIZE,
+    CONFIDENCE,
+    ENTROPY,
+    LATENCY_BOUNDARIES,
+    MODEL_LATENCY,
+    PREDICTIONS,
+    REJECTIONS,
+    REQUEST_LATENCY,
+    UNIT_BOUNDARIES,
+)
 
 
 @dataclass
@@ -66,15 +66,20 @@ def ingress_metrics() -> IngressMetrics:
 
     return IngressMetrics(
         predictions=Counter(
-            PREDICTIONS, description="Predictions answered, by model version, task and status (ok|error).",
+            PREDICTIONS,
+            description="Predictions answered, by model version, task and status (ok|error).",
             tag_keys=("model_version", "task", "status"),
         ),
         request_latency=Histogram(
-            REQUEST_LATENCY, description="End-to-end latency of successful /predict requests in the ingress (s).",
-            boundaries=LATENCY_BOUNDARIES, tag_keys=("model_version",),
+            REQUEST_LATENCY,
+            description="End-to-end latency of successful /predict requests in the ingress (s).",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("model_version",),
         ),
         rejections=Counter(
-            REJECTIONS, description="Rejected /predict requests by reason.", tag_keys=("reason",),
+            REJECTIONS,
+            description="Rejected /predict requests by reason.",
+            tag_keys=("reason",),
         ),
     )
 
@@ -85,19 +90,27 @@ def model_metrics() -> ModelMetrics:
 
     return ModelMetrics(
         model_latency=Histogram(
-            MODEL_LATENCY, description="One batched forward pass incl. softmax and mask upsampling (s).",
-            boundaries=LATENCY_BOUNDARIES, tag_keys=("model_version",),
+            MODEL_LATENCY,
+            description="One batched forward pass incl. softmax and mask upsampling (s).",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("model_version",),
         ),
         batch_size=Histogram(
-            BATCH_SIZE, description="Images per batched forward pass.", boundaries=BATCH_BOUNDARIES,
+            BATCH_SIZE,
+            description="Images per batched forward pass.",
+            boundaries=BATCH_BOUNDARIES,
             tag_keys=("model_version",),
         ),
         confidence=Histogram(
-            CONFIDENCE, description="Per-image confidence (mean max-softmax / mean detection score).",
-            boundaries=UNIT_BOUNDARIES, tag_keys=("model_version",),
+            CONFIDENCE,
+            description="Per-image confidence (mean max-softmax / mean detection score).",
+            boundaries=UNIT_BOUNDARIES,
+            tag_keys=("model_version",),
         ),
         entropy=Histogram(
-            ENTROPY, description="Per-image normalised entropy (0..1).", boundaries=UNIT_BOUNDARIES,
+            ENTROPY,
+            description="Per-image normalised entropy (0..1).",
+            boundaries=UNIT_BOUNDARIES,
             tag_keys=("model_version",),
         ),
     )

@@ -1,7 +1,7 @@
 """The model deployment: loads a segloop model, batches requests, hot-swaps versions.
 
-Inference core (``load_model`` / ``run_batch``) is plain Python so the benchmark's Flask
-server and in-process loop run exactly the same code as the replicas.
+Inference is :class:`train.predict.Predictor` (the same code the MLflow pyfunc and the
+benchmarks run); ``run_batch`` turns its outputs into ``/predict``'s JSON fields.
 
 Model switching never fails a request:
 
@@ -15,260 +15,95 @@ Model switching never fails a request:
   replica re-resolves the alias on that period and swaps the same way, so moving the
   ``champion`` alias in MLflow is all a promotion or rollback has to do.
 
-The capture hook for active learning is :meth:`SegModel._capture` (a no-op here).
+The capture hook for active learning is :meth:`SegModel._capture`: it offers each answered\nimage to the replica's :class:`serve_app.capture.Capturer` (bounded queue, never blocks).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from ray import serve
 
-from serve_app.config import ModelSettings, parse_model_uri
+from serve_app.config import ModelSettings
 from serve_app.imaging import ImageLimits, ImageRejected, decode_image
 from serve_app.metrics import model_metrics
 from serve_app.postprocess import encode_png, instance_fields, instance_label_mask, semantic_fields
+from train.model_ref import parse_model_uri
 
 logger = logging.getLogger("ray.serve")
 
 MODEL_DEPLOYMENT = "SegModel"
 
 
-# ----------------------------------------------------------------------------- loading
+# ----------------------------------------------------------------------------- inference
 
 
-@dataclass
-class LoadedModel:
-    """A ready model plus what serving needs to feed and describe it."""
+def load_model(settings: ModelSettings) -> Any:
+    """The :class:`train.predict.Predictor` for ``settings`` (weights_only loads, no pickled code)."""
+    from train.predict import CheckpointHints, Predictor
 
-    model: Any  # torch.nn.Module in eval mode on ``device``
-    meta: Any  # train.registry.ModelMeta
-    name: str
-    version: str
-    uri: str
-    device: str
-    half: bool
-    channels_last: bool = False
-    loaded_at: float = field(default_factory=time.time)
-    transforms: Any = None
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "uri": self.uri,
-            "task": self.meta.task,
-            "architecture": self.meta.model,
-            "class_names": list(self.meta.class_names),
-            "num_classes": int(self.meta.num_classes),
-            "image_size": int(self.meta.image_size),
-            "device": self.device,
-            "half": self.half,
-            "channels_last": self.channels_last,
-            "loaded_at": self.loaded_at,
-        }
-
-
-def pick_device(pref: str) -> str:
-    import torch
-
-    if pref == "cuda" and not torch.cuda.is_available():
-        from train.errors import ConfigError
-
-        raise ConfigError("device 'cuda' requested but no GPU is visible to this replica (set ray_actor_options.num_gpus)")
-    if pref == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return pref
-
-
-def set_tracking_uri(uri: str | None) -> None:
-    if uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
+    hints = CheckpointHints(
+        model_name=settings.model_name,
+        task=settings.task,
+        class_names=settings.class_names,
+        image_size=settings.image_size,
+        model_kwargs=settings.model_kwargs or None,
+    )
+    return Predictor.load(
+        settings.model_uri,
+        tracking_uri=settings.mlflow_tracking_uri,
+        device=settings.device,
+        half=settings.half,
+        channels_last=settings.channels_last,
+        hints=hints,
+    )
 
 
 def resolve_registry_version(settings: ModelSettings) -> str:
     """The version a registry URI points at now (alias resolved)."""
-    from train.registry import resolve_version
+    from train.predict import resolve_registry_version as resolve
 
     kind, name, ref = parse_model_uri(settings.model_uri)
     if kind != "registry":
         raise ValueError(f"{settings.model_uri} is not a registry URI")
-    set_tracking_uri(settings.mlflow_tracking_uri)
-    return resolve_version(name, ref)
+    return resolve(name, ref, settings.mlflow_tracking_uri)
 
 
-def _load_checkpoint(path: str, settings: ModelSettings) -> tuple[Any, Any, str, str]:
-    import torch
-
-    from train.errors import ModelError
-    from train.models import build_model, model_task
-    from train.registry import ModelMeta
-
-    if not os.path.isfile(path):
-        raise ModelError(f"checkpoint {path} does not exist")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = obj.get("config", {}) if isinstance(obj, dict) else {}
-    model_name = settings.model_name or cfg.get("model")
-    class_names = settings.class_names or (obj.get("class_names") if isinstance(obj, dict) else None)
-    image_size = settings.image_size or cfg.get("image_size")
-    missing = [k for k, v in (("model_name", model_name), ("class_names", class_names), ("image_size", image_size)) if not v]
-    if missing:
-        raise ModelError(f"checkpoint {path} records no {missing}; set them in the model settings")
-    num_classes = int(obj.get("num_classes") or len(class_names)) if isinstance(obj, dict) else len(class_names)
-    meta = ModelMeta(
-        model=model_name,
-        task=settings.task or cfg.get("task") or model_task(model_name),
-        num_classes=num_classes,
-        class_names=list(class_names),
-        image_size=int(image_size),
-        model_kwargs=dict(settings.model_kwargs or cfg.get("model_kwargs") or {}),
-    )
-    model = build_model(meta.model, meta.num_classes, checkpoint=path, **meta.model_kwargs).eval()
-    return model, meta, os.path.basename(path), "ckpt-" + digest.hexdigest()[:12]
-
-
-def load_model(settings: ModelSettings) -> LoadedModel:
-    """Build the model ``settings.model_uri`` names (weights_only loads, no pickled code)."""
-    from train.transforms import eval_transforms
-
-    kind, target, ref = parse_model_uri(settings.model_uri)
-    if kind == "registry":
-        from train.registry import load_version
-
-        set_tracking_uri(settings.mlflow_tracking_uri)
-        model, meta, version = load_version(target, ref)
-        name = target
+def _response_fields(predictor: Any, out: Any, image: np.ndarray, png: bool, score_threshold: float) -> dict:
+    """One prediction as the JSON fields of ``/predict`` (plus the mask PNG when asked for)."""
+    names = predictor.meta.class_names
+    if predictor.meta.task == "semantic":
+        fields = semantic_fields(out.mask, out.probs, names, want_png_b64=not png)
+        mask = out.mask
     else:
-        model, meta, name, version = _load_checkpoint(target, settings)
-    device = pick_device(settings.device)
-    half = bool(settings.half and device == "cuda")
-    model = model.to(device).eval()
-    channels_last = bool(settings.channels_last and meta.task == "semantic")
-    if channels_last:  # same weights and results; ~1.5x faster on 2 CPU threads (bench/serve.py)
-        import torch
-
-        model = model.to(memory_format=torch.channels_last)
-    return LoadedModel(
-        model=model, meta=meta, name=name, version=str(version), uri=settings.model_uri, device=device, half=half,
-        channels_last=channels_last, transforms=eval_transforms(meta.task, meta.image_size),
-    )
-
-
-# ----------------------------------------------------------------------------- inference
-
-
-def _autocast(lm: LoadedModel):
-    import contextlib
-
-    import torch
-
-    if lm.half:
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def _chw(img: np.ndarray) -> Any:
-    """HWC uint8 array -> CHW tensor (arrays that came through Ray's object store are read-only)."""
-    import torch
-
-    return torch.from_numpy(img if img.flags.writeable else img.copy()).permute(2, 0, 1)
-
-
-def _semantic_batch(lm: LoadedModel, images: list[np.ndarray], want_png: list[bool]) -> tuple[list[dict], float]:
-    import torch
-    import torch.nn.functional as F
-
-    from train.metrics.semantic import class_indices
-
-    xs = [lm.transforms(_chw(img), None)[0] for img in images]
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        x = torch.stack(xs).to(lm.device, non_blocking=True)
-        if lm.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(lm):
-            logits = lm.model(x)
-        logits = logits.float()
-        probs = logits.softmax(1).cpu().numpy()
-        masks = []
-        for i, img in enumerate(images):  # one at a time: full-size logits of a batch can be large
-            up = F.interpolate(logits[i : i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
-            masks.append(class_indices(up)[0].to(torch.uint8).cpu().numpy())
-    forward_s = time.perf_counter() - t0
-    out = []
-    for mask, p, png in zip(masks, probs, want_png):
-        fields = semantic_fields(mask, p, lm.meta.class_names, want_png_b64=not png)
-        if png:
-            fields["mask_png"] = encode_png(mask)
-        out.append(fields)
-    return out, forward_s
-
-
-def _instance_batch(
-    lm: LoadedModel, images: list[np.ndarray], want_png: list[bool], score_threshold: float
-) -> tuple[list[dict], float]:
-    import torch
-
-    xs = [lm.transforms(_chw(img), None)[0] for img in images]
-    # Same-size images go through the model together; mixing sizes would pad the smaller ones
-    # and change their results, and a response must not depend on its batch neighbours.
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, x in enumerate(xs):
-        groups.setdefault(tuple(x.shape), []).append(i)
-    preds: list[dict | None] = [None] * len(xs)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for idx in groups.values():
-            with _autocast(lm):
-                outs = lm.model([xs[i].to(lm.device, non_blocking=True) for i in idx])
-            for i, o in zip(idx, outs):
-                keep = o["scores"] >= score_threshold
-                preds[i] = {k: o[k][keep].float().cpu().numpy() if k != "labels" else o[k][keep].cpu().numpy() for k in ("boxes", "labels", "scores", "masks")}
-    forward_s = time.perf_counter() - t0
-    out = []
-    for img, p, png in zip(images, preds, want_png):
-        shape = img.shape[:2]
-        fields = instance_fields(p, lm.meta.class_names, shape, score_threshold)
-        if png:
-            fields["mask_png"] = encode_png(instance_label_mask(p["masks"], p["scores"], shape))
-        out.append(fields)
-    return out, forward_s
+        arrays = {"boxes": out.boxes, "labels": out.labels, "scores": out.scores, "masks": out.masks}
+        fields = instance_fields(arrays, names, image.shape[:2], score_threshold)
+        mask = instance_label_mask(out.masks, out.scores, image.shape[:2]) if png else None
+    if png:
+        fields["mask_png"] = encode_png(mask)
+    return fields
 
 
 def run_batch(
-    lm: LoadedModel, images: list[np.ndarray], want_png: list[bool] | None = None, score_threshold: float = 0.05
+    predictor: Any, images: list[np.ndarray], want_png: list[bool] | None = None, score_threshold: float = 0.05
 ) -> tuple[list[dict[str, Any]], float]:
-    """Predict a batch of RGB uint8 images; returns (per-image response fields, forward seconds).
-
-    Preprocessing is the training eval transform (``eval_transforms(task, image_size)``);
-    semantic logits are upsampled back to each image's size before the argmax.
-    """
+    """Predict a batch of RGB uint8 images; returns (per-image response fields, forward seconds)."""
     want_png = want_png or [False] * len(images)
-    if lm.meta.task == "semantic":
-        results, forward_s = _semantic_batch(lm, images, want_png)
-    else:
-        results, forward_s = _instance_batch(lm, images, want_png, score_threshold)
-    for r in results:
-        r["model"] = {"name": lm.name, "version": lm.version, "uri": lm.uri}
-        r["model_version"] = lm.version
+    outs, forward_s = predictor.predict(images, score_threshold)
+    model = {"name": predictor.name, "version": predictor.version, "uri": predictor.uri}
+    results = []
+    for out, img, png in zip(outs, images, want_png):
+        fields = _response_fields(predictor, out, img, png, score_threshold)
+        results.append({**fields, "model": model, "model_version": predictor.version})
     return results, forward_s
 
 
-def predict_bytes(lm: LoadedModel, bodies: list[bytes], limits: ImageLimits, score_threshold: float = 0.05) -> list[dict]:
+def predict_bytes(lm: Any, bodies: list[bytes], limits: ImageLimits, score_threshold: float = 0.05) -> list[dict]:
     """Decode + predict + JSON fields for a batch of request bodies (the benchmark's limit path)."""
     images = [decode_image(b, limits) for b in bodies]
     results, _ = run_batch(lm, images, None, score_threshold)
@@ -282,24 +117,31 @@ def make_capturer(capture: dict[str, Any] | None) -> Any:
     """The replica's Capturer (None when capture is disabled); the store opens lazily."""
     if not capture:
         return None
-    from serve_app.capture import Capturer, ray_capture_metrics, store_policy_source
+    from dataplane.capture import store_policy_source
+    from serve_app.capture import Capturer, ray_capture_metrics
 
-    return Capturer(capture["store"], capture.get("policy"), queue_size=capture.get("queue_size", 256),
-                    max_retries=capture.get("max_retries", 5), metrics=ray_capture_metrics(),
-                    policy_source=store_policy_source(capture["store"]),
-                    policy_poll_s=capture.get("policy_poll_s", 5.0))
+    return Capturer(
+        capture["store"],
+        capture.get("policy"),
+        queue_size=capture.get("queue_size", 256),
+        max_retries=capture.get("max_retries", 5),
+        metrics=ray_capture_metrics(),
+        policy_source=store_policy_source(capture["store"]),
+        policy_poll_s=capture.get("policy_poll_s", 5.0),
+    )
 
 
 @serve.deployment(name=MODEL_DEPLOYMENT, max_ongoing_requests=16, graceful_shutdown_timeout_s=30)
 class SegModel:
     """Decodes, batches and predicts; ``user_config`` = :class:`ModelSettings`."""
 
-    def __init__(self, limits: dict[str, int], defaults: dict[str, Any] | None = None,
-                 capture: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, limits: dict[str, int], defaults: dict[str, Any] | None = None, capture: dict[str, Any] | None = None
+    ) -> None:
         self._limits = ImageLimits(**limits)
         self._defaults = defaults or {}
         self._settings: ModelSettings | None = None
-        self._current: LoadedModel | None = None
+        self._current: Any | None = None
         self._swap_lock = asyncio.Lock()
         self._loading: str | None = None
         self._last_error: str | None = None
@@ -341,10 +183,15 @@ class SegModel:
             self._loading = settings.model_uri
             try:
                 new = await asyncio.to_thread(load_model, settings)
-            except Exception as err:  # keep serving the old model
+            except Exception as err:  # noqa: BLE001 - keep serving the old model
                 self._last_error = f"{type(err).__name__}: {err}"
-                logger.error("loading %s (%s) failed, still serving %s: %s", settings.model_uri, why,
-                             self._current.version if self._current else None, self._last_error)
+                logger.error(
+                    "loading %s (%s) failed, still serving %s: %s",
+                    settings.model_uri,
+                    why,
+                    self._current.version if self._current else None,
+                    self._last_error,
+                )
                 return False
             finally:
                 self._loading = None
@@ -367,7 +214,7 @@ class SegModel:
             await asyncio.sleep(settings.poll_interval_s)
             try:
                 version = await asyncio.to_thread(resolve_registry_version, settings)
-            except Exception as err:  # registry unreachable: keep serving, try again later
+            except Exception as err:  # noqa: BLE001 - registry unreachable: keep serving, try again later
                 logger.warning("cannot resolve %s: %s", settings.model_uri, err)
                 continue
             current = self._current
@@ -427,17 +274,19 @@ class SegModel:
     async def info(self) -> dict[str, Any]:
         lm = self._current
         data = lm.info() if lm is not None else {"version": None}
-        data.update({
-            "ready": lm is not None,
-            "loading": self._loading,
-            "last_error": self._last_error,
-            "switches": self._switches,
-            "follows": self._settings.model_uri if self._settings else None,
-            "poll_interval_s": self._settings.poll_interval_s if self._settings else None,
-            "max_batch_size": self._settings.max_batch_size if self._settings else None,
-            "pid": os.getpid(),
-            "capture": self._capturer.stats() if self._capturer is not None else None,
-        })
+        data.update(
+            {
+                "ready": lm is not None,
+                "loading": self._loading,
+                "last_error": self._last_error,
+                "switches": self._switches,
+                "follows": self._settings.model_uri if self._settings else None,
+                "poll_interval_s": self._settings.poll_interval_s if self._settings else None,
+                "max_batch_size": self._settings.max_batch_size if self._settings else None,
+                "pid": os.getpid(),
+                "capture": self._capturer.stats() if self._capturer is not None else None,
+            }
+        )
         try:
             data["replica"] = serve.get_replica_context().replica_tag
         except Exception:  # noqa: BLE001 - outside Serve (tests)

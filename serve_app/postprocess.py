@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -33,8 +34,18 @@ _EPS = 1e-12
 def _palette() -> list[int]:
     """Class 0 black, then well-separated colours (a viewable label PNG that still holds indices)."""
     base = [
-        (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+        (0, 0, 0),
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (250, 190, 212),
+        (0, 128, 128),
     ]
     rng = np.random.default_rng(0)
     extra = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(256 - len(base))]
@@ -149,7 +160,9 @@ def instance_label_mask(masks: np.ndarray, scores: np.ndarray, shape: tuple[int,
 # ----------------------------------------------------------------------------- responses
 
 
-def semantic_fields(mask: np.ndarray, probs: np.ndarray, class_names: Sequence[str], want_png_b64: bool = True) -> dict[str, Any]:
+def semantic_fields(
+    mask: np.ndarray, probs: np.ndarray, class_names: Sequence[str], want_png_b64: bool = True
+) -> dict[str, Any]:
     """Response fields of one semantic prediction: mask PNG, class fractions, confidence, entropy."""
     confidence, entropy = pixel_confidence_entropy(probs)
     fractions = class_fractions(mask, len(class_names))

@@ -74,7 +74,7 @@ class S3Server:
     def running(self) -> bool:
         return self._moto is not None
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         from moto.server import ThreadedMotoServer
 
         if self._moto is not None:
@@ -117,7 +117,7 @@ class S3Server:
             except OSError:
                 pass
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -135,6 +135,6 @@ def start_s3_server(host: str = "127.0.0.1", port: int = 0, *, skip_if_missing: 
 
 def make_s3_store(server: S3Server, bucket: Optional[str] = None, **kw: Any):
     """An S3Store on ``server`` with a fresh bucket (created on first use)."""
-    from train.store import S3Store
+    from dataplane.store import S3Store
 
     return S3Store(server.endpoint, bucket or unique_bucket(), server.access_key, server.secret_key, **kw)

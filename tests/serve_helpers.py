@@ -7,7 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-SEMANTIC = {"model": "lraspp_mobilenet_v3_large", "class_names": ["background", "pet", "border"], "image_size": 64, "model_kwargs": {}}
+SEMANTIC = {
+    "model": "lraspp_mobilenet_v3_large",
+    "class_names": ["background", "pet", "border"],
+    "image_size": 64,
+    "model_kwargs": {},
+}
 INSTANCE = {
     "model": "maskrcnn_mobilenet_v3_large_fpn",
     "class_names": ["background", "ball", "box", "tri"],
@@ -16,7 +21,9 @@ INSTANCE = {
 }
 
 
-def register_model(data_dir: str | Path, registered: str, spec: dict, seed: int = 0, alias: str | None = "champion") -> str:
+def register_model(
+    data_dir: str | Path, registered: str, spec: dict, seed: int = 0, alias: str | None = "champion"
+) -> str:
     """Build an untrained model from ``spec`` (seeded), log and register it; returns the version."""
     import mlflow
     import torch
@@ -29,8 +36,12 @@ def register_model(data_dir: str | Path, registered: str, spec: dict, seed: int 
     torch.manual_seed(seed)
     model = build_model(spec["model"], len(spec["class_names"]), **spec["model_kwargs"]).eval()
     meta = ModelMeta(
-        model=spec["model"], task=model_task(spec["model"]), num_classes=len(spec["class_names"]),
-        class_names=list(spec["class_names"]), image_size=spec["image_size"], model_kwargs=dict(spec["model_kwargs"]),
+        model=spec["model"],
+        task=model_task(spec["model"]),
+        num_classes=len(spec["class_names"]),
+        class_names=list(spec["class_names"]),
+        image_size=spec["image_size"],
+        model_kwargs=dict(spec["model_kwargs"]),
     )
     example = np.zeros((1, 32, 32, 3), dtype=np.uint8)
     with mlflow.start_run(run_name=f"{registered}-{seed}"):
@@ -50,10 +61,21 @@ def save_checkpoint(path: Path, spec: dict, model=None, seed: int = 0) -> Path:
     if model is None:
         torch.manual_seed(seed)
         model = build_model(spec["model"], len(spec["class_names"]), **spec["model_kwargs"])
-    config = {"model": spec["model"], "task": model_task(spec["model"]), "image_size": spec["image_size"],
-              "model_kwargs": dict(spec["model_kwargs"])}
-    torch.save({"model": model.state_dict(), "config": config, "num_classes": len(spec["class_names"]),
-                "class_names": list(spec["class_names"])}, path)
+    config = {
+        "model": spec["model"],
+        "task": model_task(spec["model"]),
+        "image_size": spec["image_size"],
+        "model_kwargs": dict(spec["model_kwargs"]),
+    }
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": config,
+            "num_classes": len(spec["class_names"]),
+            "class_names": list(spec["class_names"]),
+        },
+        path,
+    )
     return path
 
 

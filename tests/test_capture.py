@@ -12,18 +12,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from serve_app.capture import (
-    POLICY_KEY,
-    CapturePolicy,
-    Capturer,
-    PolicyState,
-    read_policy,
-    store_policy_source,
-    write_policy,
-)
+from dataplane.capture import POLICY_KEY, CapturePolicy, read_policy, store_policy_source, write_policy
+from dataplane.store import LocalStore
+from segloop.errors import ConfigError, StoreError
+from serve_app.capture import Capturer, PolicyState
 from serve_app.postprocess import semantic_fields
-from train.errors import ConfigError, StoreError
-from train.store import LocalStore
 
 try:
     from tests.s3server import S3Server, make_s3_store
@@ -52,8 +45,11 @@ def semantic_record(entropy: float, size: int = 32, version: str = "7", png_byte
         from serve_app.postprocess import encode_png
 
         rec["mask_png"] = encode_png(labels)
-    rec.update(entropy=entropy, model={"name": "segloop-pets", "version": version, "uri": "models:/segloop-pets/7"},
-               model_version=version)
+    rec.update(
+        entropy=entropy,
+        model={"name": "segloop-pets", "version": version, "uri": "models:/segloop-pets/7"},
+        model_version=version,
+    )
     return rec
 
 
@@ -61,11 +57,26 @@ def instance_record(entropy: float) -> dict:
     mask = np.zeros((32, 40), np.uint8, order="F")
     mask[4:12, 5:15] = 1
     rle = mask_utils.encode(np.asfortranarray(mask))
-    inst = {"image_id": 0, "category_id": 2, "category_name": "box", "score": 0.9, "bbox": [5.0, 4.0, 10.0, 8.0],
-            "segmentation": {"size": [32, 40], "counts": rle["counts"].decode("ascii")}}
-    return {"task": "instance", "width": 40, "height": 32, "class_names": ["background", "ball", "box"],
-            "instances": [inst], "num_instances": 1, "confidence": 0.9, "entropy": entropy,
-            "model": {"name": "segloop-shapes", "version": "2", "uri": "models:/segloop-shapes/2"}, "model_version": "2"}
+    inst = {
+        "image_id": 0,
+        "category_id": 2,
+        "category_name": "box",
+        "score": 0.9,
+        "bbox": [5.0, 4.0, 10.0, 8.0],
+        "segmentation": {"size": [32, 40], "counts": rle["counts"].decode("ascii")},
+    }
+    return {
+        "task": "instance",
+        "width": 40,
+        "height": 32,
+        "class_names": ["background", "ball", "box"],
+        "instances": [inst],
+        "num_instances": 1,
+        "confidence": 0.9,
+        "entropy": entropy,
+        "model": {"name": "segloop-shapes", "version": "2", "uri": "models:/segloop-shapes/2"},
+        "model_version": "2",
+    }
 
 
 class Sink:
@@ -134,8 +145,13 @@ def test_policy_modes_and_runtime_switch():
 
 def test_invalid_policy_is_a_config_error():
     state = PolicyState("all")
-    for bad in ({"mode": "sometimes"}, {"mode": "entropy", "threshold": 1.5}, {"mode": "top_fraction", "fraction": 0},
-                {"mode": "all", "extra": 1}, 42):
+    for bad in (
+        {"mode": "sometimes"},
+        {"mode": "entropy", "threshold": 1.5},
+        {"mode": "top_fraction", "fraction": 0},
+        {"mode": "all", "extra": 1},
+        42,
+    ):
         with pytest.raises(ConfigError, match="capture policy"):
             state.set_policy(bad)
     assert state.policy.mode == "all"  # unchanged
@@ -170,7 +186,9 @@ def test_capturer_writes_image_mask_and_metadata(store):
     assert (sem["width"], sem["height"], sem["task"], sem["model_version"]) == (40, 32, "semantic", "7")
     assert sem["model"] == {"name": "segloop-pets", "version": "7", "uri": "models:/segloop-pets/7"}
     assert abs(sem["confidence"] - 0.8) < 1e-6
-    assert sem["prediction"]["class_names"] == list(CLASSES) and set(sem["prediction"]["class_fractions"]) == set(CLASSES)
+    assert sem["prediction"]["class_names"] == list(CLASSES) and set(sem["prediction"]["class_fractions"]) == set(
+        CLASSES
+    )
     assert sem["policy"]["mode"] == "entropy"
     pre = sem["preannotation"]
     assert pre["kind"] == "mask_png" and pre["key"] == f"captures/{day}/{sem['id']}.mask.png"
@@ -178,7 +196,11 @@ def test_capturer_writes_image_mask_and_metadata(store):
     assert mask.shape == (32, 40) and set(np.unique(mask)) == {0, 1, 2}
     assert np.array_equal(mask, np.asarray(Image.open(io.BytesIO(store.get_bytes(sem2["preannotation"]["key"])))))
 
-    assert ins["task"] == "instance" and ins["prediction"]["num_instances"] == 1 and ins["prediction"]["counts"] == {"box": 1}
+    assert (
+        ins["task"] == "instance"
+        and ins["prediction"]["num_instances"] == 1
+        and ins["prediction"]["counts"] == {"box": 1}
+    )
     inst = ins["preannotation"]["instances"][0]
     assert inst["category_name"] == "box" and inst["segmentation"]["size"] == [32, 40]
 

@@ -22,9 +22,9 @@ APP = "segloop-capture"
 def setup(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     from ray import serve
 
-    from serve_app.app import deploy
+    from dataplane.store import open_store
+    from monitoring.serving import deploy
     from serve_app.config import AppArgs
-    from train.store import open_store
 
     srv = S3Server().start()
     store_cfg = {"kind": "s3", "endpoint": srv.endpoint, "bucket": unique_bucket(), "timeout": 1.0}
@@ -32,8 +32,11 @@ def setup(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     register_model(data_dir, "capture-test", SEMANTIC, seed=0)
     port = free_port()
     args = AppArgs(
-        data_dir=str(data_dir), model={"model_uri": "models:/capture-test@champion", "poll_interval_s": 0},
-        model_num_replicas=1, model_num_cpus=1, ingress_num_cpus=0,
+        data_dir=str(data_dir),
+        model={"model_uri": "models:/capture-test@champion", "poll_interval_s": 0},
+        model_num_replicas=1,
+        model_num_cpus=1,
+        ingress_num_cpus=0,
         capture={"store": store_cfg, "policy": {"mode": "off"}, "policy_poll_s": 0.5, "max_retries": 1},
     )
     env = {"env_vars": {"SEGLOOP_S3_ACCESS_KEY": ACCESS_KEY, "SEGLOOP_S3_SECRET_KEY": SECRET_KEY}}
@@ -64,7 +67,7 @@ def _wait(pred, timeout: float = 30.0) -> bool:
 
 @pytest.mark.slow
 def test_entropy_policy_captures_exactly_the_uncertain_images(setup) -> None:
-    from serve_app.app import set_capture_policy
+    from dataplane.capture import write_policy
 
     url, store = setup["url"], setup["store"]
     entropies = {}
@@ -76,7 +79,7 @@ def test_entropy_policy_captures_exactly_the_uncertain_images(setup) -> None:
 
     values = sorted(entropies.values())
     threshold = (values[5] + values[6]) / 2  # half of the images above
-    set_capture_policy({"mode": "entropy", "threshold": threshold}, store=store)
+    write_policy(store, {"mode": "entropy", "threshold": threshold})
     time.sleep(1.5)  # > policy_poll_s: every replica has the new policy
     sent = {}
     for seed in range(12):
@@ -99,10 +102,10 @@ def test_entropy_policy_captures_exactly_the_uncertain_images(setup) -> None:
 
 @pytest.mark.slow
 def test_s3_outage_fails_no_request_counts_drops_and_resumes(setup) -> None:
-    from serve_app.app import set_capture_policy
+    from dataplane.capture import write_policy
 
     url, store, srv = setup["url"], setup["store"], setup["server"]
-    set_capture_policy({"mode": "all"}, store=store)
+    write_policy(store, {"mode": "all"})
     time.sleep(1.5)
     before = len(_captures(store))
     port = srv.port

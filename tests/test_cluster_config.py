@@ -28,7 +28,6 @@ def test_cluster_yaml_validates_against_rays_schema() -> None:
 
 def test_schema_check_is_real() -> None:
     import jsonschema
-
     from ray.autoscaler._private.util import validate_config
 
     bad = copy.deepcopy(_prepared())
@@ -53,8 +52,10 @@ def _rayservice() -> dict:
 def test_serve_configs_pass_rays_serve_schema_and_app_args() -> None:
     from serve_app.config import AppArgs
 
-    for cfg in (yaml.safe_load((ROOT / "serve_config.yaml").read_text()),
-                yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])):
+    for cfg in (
+        yaml.safe_load((ROOT / "serve_config.yaml").read_text()),
+        yaml.safe_load(_rayservice()["spec"]["serveConfigV2"]),
+    ):
         schema = _serve_schema(cfg)
         (app,) = schema.applications
         assert app.import_path == "serve_app.app:build_app"
@@ -94,10 +95,14 @@ def test_rayservice_cluster_shape() -> None:
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["limits"]["nvidia.com/gpu"] == "1" and groups["gpu"]["minReplicas"] == 0
-    model = next(d for d in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["deployments"]
-                 if d["name"] == "SegModel")
+    model = next(
+        d
+        for d in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["deployments"]
+        if d["name"] == "SegModel"
+    )
     assert model["ray_actor_options"]["num_gpus"] == 1
-    for c in [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + \
-             [g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]:
+    for c in [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]
+    ]:
         assert c["envFrom"] == [{"secretRef": {"name": "segloop"}}]  # secrets only from the environment
         assert not c.get("env")

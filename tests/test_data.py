@@ -18,6 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from segloop.errors import ConfigError, DatasetError
 from train.data import (
     CocoInstanceDataset,
     OxfordPetDataset,
@@ -27,7 +28,6 @@ from train.data import (
     yolo_to_coco,
 )
 from train.data.synth import generate_coco, generate_pets, render_pet, reproduce_sample
-from train.errors import ConfigError, DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -224,12 +224,14 @@ def test_coco_index_is_evaluable(shapes):
         target = ds[i][1]
         for k in torch.nonzero(target["iscrowd"] == 0).flatten().tolist():
             rle = mask_utils.encode(np.asfortranarray(target["masks"][k].numpy()))
-            results.append({
-                "image_id": target["image_id"],
-                "category_id": ds.label_to_cat_id[int(target["labels"][k])],
-                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
-                "score": 1.0,
-            })
+            results.append(
+                {
+                    "image_id": target["image_id"],
+                    "category_id": ds.label_to_cat_id[int(target["labels"][k])],
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                    "score": 1.0,
+                }
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(ds.coco, ds.coco.loadRes(results), "segm")
         ev.evaluate(), ev.accumulate(), ev.summarize()
@@ -260,7 +262,10 @@ def _write_coco(root: Path, anns: list[dict], categories=None, images=None, size
     Image.new("RGB", (w, h), (10, 20, 30)).save(root / "images" / "val" / "b.jpg")
     data = {
         "images": images
-        or [{"id": 5, "file_name": "a.jpg", "height": h, "width": w}, {"id": 9, "file_name": "b.jpg", "height": h, "width": w}],
+        or [
+            {"id": 5, "file_name": "a.jpg", "height": h, "width": w},
+            {"id": 9, "file_name": "b.jpg", "height": h, "width": w},
+        ],
         "annotations": anns,
         "categories": categories or [{"id": 7, "name": "tri"}, {"id": 1, "name": "ball"}, {"id": 3, "name": "box"}],
     }
@@ -278,11 +283,19 @@ def test_coco_rle_compressed_and_uncompressed(tmp_path):
     flat = m.flatten(order="F")
     runs = np.diff(np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])).tolist()
     uncomp = {"counts": ([0] if flat[0] else []) + runs, "size": [h, w]}
-    _write_coco(tmp_path, [
-        {"id": 1, "image_id": 5, "category_id": 3, "iscrowd": 0,
-         "segmentation": {"counts": comp["counts"].decode(), "size": [h, w]}},
-        {"id": 2, "image_id": 5, "category_id": 1, "iscrowd": 1, "segmentation": uncomp},
-    ])
+    _write_coco(
+        tmp_path,
+        [
+            {
+                "id": 1,
+                "image_id": 5,
+                "category_id": 3,
+                "iscrowd": 0,
+                "segmentation": {"counts": comp["counts"].decode(), "size": [h, w]},
+            },
+            {"id": 2, "image_id": 5, "category_id": 1, "iscrowd": 1, "segmentation": uncomp},
+        ],
+    )
     ds = CocoInstanceDataset(tmp_path, "val")
     _, target = ds[0]
     assert target["image_id"] == 5
@@ -297,10 +310,13 @@ def test_coco_rle_compressed_and_uncompressed(tmp_path):
 
 def test_coco_category_mapping_round_trip(tmp_path):
     poly = [[2, 2, 20, 2, 20, 20, 2, 20]]
-    _write_coco(tmp_path, [
-        {"id": i + 1, "image_id": 5, "category_id": cid, "segmentation": poly} for i, cid in enumerate((7, 1, 3))
-    ])
-    ds = CocoInstanceDataset(ann_file=tmp_path / "annotations" / "instances_val.json", img_dir=tmp_path / "images" / "val")
+    _write_coco(
+        tmp_path,
+        [{"id": i + 1, "image_id": 5, "category_id": cid, "segmentation": poly} for i, cid in enumerate((7, 1, 3))],
+    )
+    ds = CocoInstanceDataset(
+        ann_file=tmp_path / "annotations" / "instances_val.json", img_dir=tmp_path / "images" / "val"
+    )
     assert ds.cat_id_to_label == {1: 1, 3: 2, 7: 3}
     assert ds.label_to_cat_id == {1: 1, 2: 3, 3: 7}
     assert ds.class_names == ("background", "ball", "box", "tri") and ds.num_classes == 4
@@ -460,7 +476,9 @@ def test_transforms_are_applied(pets):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train.data", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "train.data", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_synth_pets_and_coco(tmp_path):
@@ -468,7 +486,20 @@ def test_cli_synth_pets_and_coco(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wrote 3 synthetic pets" in r.stdout and "trainval.txt (2 samples)" in r.stdout
     assert len(OxfordPetDataset(tmp_path / "p", "trainval")) == 2
-    r = _cli("synth", "--task", "coco", "--out", str(tmp_path / "c"), "--n", "3", "--size", "48", "--shift", "--format", "yolo")
+    r = _cli(
+        "synth",
+        "--task",
+        "coco",
+        "--out",
+        str(tmp_path / "c"),
+        "--n",
+        "3",
+        "--size",
+        "48",
+        "--shift",
+        "--format",
+        "yolo",
+    )
     assert r.returncode == 0, r.stderr
     assert "data.yaml" in r.stdout and (tmp_path / "c" / "labels" / "train").is_dir()
     assert json.loads((tmp_path / "c" / "synth.json").read_text())["shift"] is True

@@ -71,10 +71,31 @@ def test_demo_loop_end_to_end(tmp_path: Path) -> None:
     with run_prometheus(prometheus_config(prom_dir), prom_dir) as prom:
         t0 = time.time()
         out = subprocess.run(
-            [sys.executable, "-m", "serve_app.demo", "--data-dir", str(tmp_path / "demo"), "--n", "120",
-             "--shift-n", "120", "--epochs", "10", "--annotate", "40", "--timeout", "900",
-             "--stay", "15"],  # > Ray's 10 s metrics report period: the last totals reach Prometheus
-            capture_output=True, text=True, cwd=ROOT, env=env, timeout=1500,
+            [
+                sys.executable,
+                "-m",
+                "segloop",
+                "demo",
+                "--data-dir",
+                str(tmp_path / "demo"),
+                "--n",
+                "120",
+                "--shift-n",
+                "120",
+                "--epochs",
+                "10",
+                "--annotate",
+                "40",
+                "--timeout",
+                "900",
+                "--stay",
+                "15",
+            ],  # > Ray's 10 s metrics report period: the last totals reach Prometheus
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=1500,
         )
         t1 = time.time()
         log = out.stdout + out.stderr
@@ -93,8 +114,12 @@ def test_demo_loop_end_to_end(tmp_path: Path) -> None:
         empty = [q for q in queries if not has_data(query_range(prom, q, t0, t1))]
         assert empty == [], f"dashboard queries without data: {empty}\n{prom.log.read_text()[-2000:]}"
         # The monitoring actor's totals (gauges): one job submitted and succeeded, one promotion.
-        for expr, want in (("max by (decision) (ray_segloop_promotions)", {"promoted": 1, "rejected": 0}),
-                           ("max by (status) (ray_segloop_retrain_jobs)", {"submitted": 1, "succeeded": 1, "failed": 0})):
-            got = {s["metric"].get("decision") or s["metric"]["status"]: max(float(v) for _, v in s["values"])
-                   for s in query_range(prom, expr, t0, t1)}
+        for expr, want in (
+            ("max by (decision) (ray_segloop_promotions)", {"promoted": 1, "rejected": 0}),
+            ("max by (status) (ray_segloop_retrain_jobs)", {"submitted": 1, "succeeded": 1, "failed": 0}),
+        ):
+            got = {
+                s["metric"].get("decision") or s["metric"]["status"]: max(float(v) for _, v in s["values"])
+                for s in query_range(prom, expr, t0, t1)
+            }
             assert got == want, (expr, got)

@@ -99,10 +99,14 @@ def test_multipart_file():
     data = encode(gradient(), "PNG")
     boundary = "XyZ123"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-        "Content-Type: image/png\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     assert multipart_file(body, f"multipart/form-data; boundary={boundary}") == data
     with pytest.raises(ImageRejected) as info:
         multipart_file(body, f"multipart/form-data; boundary={boundary}", field="image")

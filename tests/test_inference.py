@@ -54,8 +54,10 @@ def test_channels_last_is_semantic_only(tmp_path: Path) -> None:
     (result,), _ = run_batch(lm, [decode_image(image_bytes(0, size=(96, 96)), ImageLimits())])
     assert result["task"] == "instance"
     # a changed layout is a different model source: replicas reload
-    assert ModelSettings(model_uri="checkpoint:/x.pt", channels_last=False).model_source() != \
-        ModelSettings(model_uri="checkpoint:/x.pt").model_source()
+    assert (
+        ModelSettings(model_uri="checkpoint:/x.pt", channels_last=False).model_source()
+        != ModelSettings(model_uri="checkpoint:/x.pt").model_source()
+    )
 
 
 def decode_png_b64(data: str) -> np.ndarray:

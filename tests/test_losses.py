@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.errors import ConfigError
+from segloop.errors import ConfigError
 from train.losses import SegmentationLoss, cross_entropy, soft_dice_loss
 
 C = 3

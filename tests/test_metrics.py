@@ -16,7 +16,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from train.errors import DatasetError, ModelError
+from segloop.errors import DatasetError, ModelError
 from train.metrics import (
     CocoEvaluator,
     ConfusionMatrix,
@@ -129,10 +129,17 @@ def gt_dict() -> dict:
         images.append({"id": img_id, "height": H, "width": W, "file_name": f"{img_id}.png"})
         for cat, poly in objs:
             rle = mask_util.merge(mask_util.frPyObjects([poly], H, W))
-            anns.append({
-                "id": len(anns) + 1, "image_id": img_id, "category_id": cat, "segmentation": [poly],
-                "area": float(mask_util.area(rle)), "bbox": mask_util.toBbox(rle).tolist(), "iscrowd": 0,
-            })
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img_id,
+                    "category_id": cat,
+                    "segmentation": [poly],
+                    "area": float(mask_util.area(rle)),
+                    "bbox": mask_util.toBbox(rle).tolist(),
+                    "iscrowd": 0,
+                }
+            )
     return {"images": images, "annotations": anns, "categories": copy.deepcopy(CATS)}
 
 
@@ -161,8 +168,12 @@ def det(mask: np.ndarray, label: int, score: float) -> tuple:
 def to_pred(dets: list[tuple]) -> dict:
     """Mask R-CNN-like output: masks [N,1,H,W] float probabilities."""
     if not dets:
-        return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                "scores": torch.zeros(0), "masks": torch.zeros(0, 1, H, W)}
+        return {
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "scores": torch.zeros(0),
+            "masks": torch.zeros(0, 1, H, W),
+        }
     masks = np.stack([d[0] for d in dets]).astype(np.float32) * 0.9  # "probabilities" > 0.5
     return {
         "boxes": torch.tensor([box_of(d[0]) for d in dets]),
@@ -349,8 +360,10 @@ def test_pr_curves_ap50_agrees_with_coco_map50():
     coco = make_coco()
     preds = mixed_predictions(coco)
     targets = {
-        img: {"labels": torch.tensor([{3: 1, 7: 2, 11: 3}[c] for c, _ in objs]),
-              "masks": torch.from_numpy(np.stack([gt_mask(coco, img, c) for c, _ in objs]).astype(np.uint8))}
+        img: {
+            "labels": torch.tensor([{3: 1, 7: 2, 11: 3}[c] for c, _ in objs]),
+            "masks": torch.from_numpy(np.stack([gt_mask(coco, img, c) for c, _ in objs]).astype(np.uint8)),
+        }
         for img, objs in GT_POLYS.items()
     }
     curves = pr_curves(**concat_matches(match_detections(preds[i], targets[i]) for i in GT_POLYS))
@@ -373,8 +386,11 @@ def _box_mask(x0, y0, x1, y1):
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_instance_confusion_matrix_hand_case(iou_type):
     a, b, c, empty = (0, 0, 20, 20), (30, 30, 50, 50), (0, 40, 20, 60), (40, 0, 60, 20)
-    target = {"boxes": torch.tensor([a, b, c], dtype=torch.float32), "labels": torch.tensor([1, 2, 1]),
-              "masks": torch.from_numpy(np.stack([_box_mask(*a), _box_mask(*b), _box_mask(*c)]))}
+    target = {
+        "boxes": torch.tensor([a, b, c], dtype=torch.float32),
+        "labels": torch.tensor([1, 2, 1]),
+        "masks": torch.from_numpy(np.stack([_box_mask(*a), _box_mask(*b), _box_mask(*c)])),
+    }
     boxes = [a, b, empty, c]
     pred = {
         "boxes": torch.tensor(boxes, dtype=torch.float32),
@@ -384,19 +400,27 @@ def test_instance_confusion_matrix_hand_case(iou_type):
     }
     cm = InstanceConfusionMatrix(num_classes=3, iou_type=iou_type)  # 0 = background
     cm.update(pred, target)
-    expected = torch.tensor([
-        [0, 0, 1],  # background row: the false-positive dog
-        [1, 1, 0],  # cat: missed (c, its prediction is below conf) -> background; a matched
-        [0, 1, 0],  # dog predicted as cat
-    ])
+    expected = torch.tensor(
+        [
+            [0, 0, 1],  # background row: the false-positive dog
+            [1, 1, 0],  # cat: missed (c, its prediction is below conf) -> background; a matched
+            [0, 1, 0],  # dog predicted as cat
+        ]
+    )
     assert torch.equal(cm.compute(), expected)
     other = InstanceConfusionMatrix(3, iou_type=iou_type)
     other.update([pred], [target])
     assert torch.equal(cm.merge(other).reduce_from_all_processes().compute(), 2 * expected)
     # no GT: every prediction is a false positive; no prediction: every GT is missed
     fresh = InstanceConfusionMatrix(3, iou_type=iou_type)
-    fresh.update(pred, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                        "masks": torch.zeros(0, H, W, dtype=torch.uint8)})
+    fresh.update(
+        pred,
+        {
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, H, W, dtype=torch.uint8),
+        },
+    )
     fresh.update({k: v[:0] for k, v in pred.items()}, target)
     assert torch.equal(fresh.compute(), torch.tensor([[0, 2, 1], [2, 0, 0], [1, 0, 0]]))
 
@@ -412,8 +436,9 @@ def _is_png(path) -> bool:
 
 
 def test_plots_write_png(tmp_path):
-    curves = pr_curves(np.array([True, False, True, True]), np.array([0.9, 0.8, 0.6, 0.4]),
-                       np.array([1, 1, 2, 2]), np.array([1, 1, 2]))
+    curves = pr_curves(
+        np.array([True, False, True, True]), np.array([0.9, 0.8, 0.6, 0.4]), np.array([1, 1, 2, 2]), np.array([1, 1, 2])
+    )
     names = ("background", "cat", "dog")
     paths = [
         plot_confusion_matrix(CM, ["bg", "pet", "border", "unused"], tmp_path / "cm.png"),
@@ -423,9 +448,13 @@ def test_plots_write_png(tmp_path):
         plot_pr_curve(curves, names, tmp_path / "pr.png"),
         *(plot_metric_confidence(curves, k, names, tmp_path / f"{k}.png") for k in ("precision", "recall", "f1")),
         plot_training_curves(
-            [{"epoch": 0, "train/loss": 1.0, "val/miou": float("nan")},
-             {"epoch": 1, "train/loss": 0.5, "val/miou": 0.4}],
-            ["train/loss", "val/miou", "missing"], tmp_path / "train.png"),
+            [
+                {"epoch": 0, "train/loss": 1.0, "val/miou": float("nan")},
+                {"epoch": 1, "train/loss": 0.5, "val/miou": 0.4},
+            ],
+            ["train/loss", "val/miou", "missing"],
+            tmp_path / "train.png",
+        ),
     ]
     assert all(_is_png(p) for p in paths)
     with pytest.raises(ValueError, match="key"):

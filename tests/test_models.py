@@ -11,7 +11,7 @@ from torchvision.models import MobileNet_V3_Large_Weights
 from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_FPN_Weights
 from torchvision.models.segmentation import DeepLabV3_MobileNet_V3_Large_Weights, LRASPP_MobileNet_V3_Large_Weights
 
-from train.errors import ModelError
+from segloop.errors import ModelError
 from train.models import (
     MODELS,
     SemanticModel,

@@ -6,29 +6,45 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from serve_app.capture import read_policy
-from serve_app.monitor import Monitor, cron_matches, schedule_due, MonitorConfig
+from dataplane.capture import read_policy
+from monitoring.actor import Monitor, MonitorConfig, cron_matches, schedule_due
 
-RULES = [{"name": "low_confidence", "signal": "mean_confidence", "op": "<", "threshold": 0.6,
-          "window_s": 10, "for_s": 2, "hysteresis": 0.05, "cooldown_s": 100}]
+RULES = [
+    {
+        "name": "low_confidence",
+        "signal": "mean_confidence",
+        "op": "<",
+        "threshold": 0.6,
+        "window_s": 10,
+        "for_s": 2,
+        "hysteresis": 0.05,
+        "cooldown_s": 100,
+    }
+]
 
 
 def make(tmp_path: Path) -> Monitor:
-    return Monitor({"rules": RULES, "store": {"kind": "local", "root": str(tmp_path / "store")},
-                    "data_dir": str(tmp_path), "capture_on_alert": {"mode": "entropy", "threshold": 0.3}})
+    return Monitor(
+        {
+            "rules": RULES,
+            "store": {"kind": "local", "root": str(tmp_path / "store")},
+            "data_dir": str(tmp_path),
+            "capture_on_alert": {"mode": "entropy", "threshold": 0.3},
+        }
+    )
 
 
 def test_alert_fires_once_switches_capture_and_survives_restart(tmp_path: Path) -> None:
     m = make(tmp_path)
     low = {"mean_confidence": 0.4, "mean_entropy": 0.5, "error_rate": 0.0}
-    assert m.tick(now=0.0, signals=low) == []            # pending: for_s not yet held
+    assert m.tick(now=0.0, signals=low) == []  # pending: for_s not yet held
     acts = m.tick(now=3.0, signals=low)
     assert [a["action"] for a in acts] == ["alert", "capture"]
     assert read_policy(m.store).mode == "entropy"
-    assert m.tick(now=5.0, signals=low) == []            # still firing: no second response
+    assert m.tick(now=5.0, signals=low) == []  # still firing: no second response
     assert m.state["totals"]["alerts"] == {"low_confidence|firing": 1}
 
-    restarted = make(tmp_path)                            # the actor restarts from the stored state
+    restarted = make(tmp_path)  # the actor restarts from the stored state
     assert restarted.engine.firing() == ["low_confidence"]
     assert restarted.state["totals"]["alerts"] == {"low_confidence|firing": 1}  # totals continue
     assert restarted.tick(now=6.0, signals=low) == []

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app.rules import DEFAULT_RULES
-from serve_app.signals import prometheus_query, promql, promql_queries
+from monitoring.rules import DEFAULT_RULES
+from monitoring.signals import prometheus_query, promql, promql_queries
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,10 +81,7 @@ def dashboard_queries(path: Path | str = DASHBOARD) -> list[str]:
     For the end-to-end test: after real traffic through the Serve app, each of these should return data.
     """
     return [
-        render_grafana_expr(t["expr"])
-        for p in dashboard_panels(path)
-        for t in p.get("targets", [])
-        if t.get("expr")
+        render_grafana_expr(t["expr"]) for p in dashboard_panels(path) for t in p.get("targets", []) if t.get("expr")
     ]
 
 
@@ -296,7 +293,7 @@ def empty_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prome
 
 def test_bad_promql_is_rejected(empty_prometheus: Prometheus):
     """The parse check below means something: Prometheus does reject bad PromQL."""
-    from serve_app.signals import SignalsUnavailable
+    from monitoring.signals import SignalsUnavailable
 
     with pytest.raises(SignalsUnavailable, match="400.*sum\\(rate\\(x\\[5m\\]\\)"):
         empty_prometheus.query("sum(rate(x[5m])")

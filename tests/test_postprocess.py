@@ -95,6 +95,11 @@ def test_instance_fields_coco_results():
 
 
 def test_instance_fields_no_detections():
-    pred = {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, int), "scores": np.zeros(0), "masks": np.zeros((0, 1, 8, 8))}
+    pred = {
+        "boxes": np.zeros((0, 4)),
+        "labels": np.zeros(0, int),
+        "scores": np.zeros(0),
+        "masks": np.zeros((0, 1, 8, 8)),
+    }
     f = instance_fields(pred, ["background", "x"], (8, 8))
     assert f["instances"] == [] and f["confidence"] == 0.0 and f["entropy"] == 1.0

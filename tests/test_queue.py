@@ -17,13 +17,14 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-import train.queue as q
+import dataplane.annotation as q
+from dataplane.capture import new_capture_id
+from dataplane.store import LocalStore, blob_key
+from dataplane.versions import create_version, get_version, list_versions, materialize, verify_version
+from segloop.errors import ConfigError, DatasetError, StoreError
 from serve_app.capture import Capturer
 from serve_app.postprocess import semantic_fields
 from train.data.synth import generate_coco, generate_pets
-from train.errors import ConfigError, DatasetError, StoreError
-from train.store import LocalStore, blob_key
-from train.versions import create_version, get_version, list_versions, materialize, verify_version
 
 try:
     from tests.s3server import make_s3_store
@@ -64,7 +65,9 @@ def capture_pets(store, root: Path, entropies: dict[str, float], version: str = 
             for c in range(3):
                 probs[c][labels == c] = 0.8
             rec = semantic_fields(labels, probs, CLASSES)
-            rec.update(entropy=entropy, model={"name": "segloop-pets", "version": version, "uri": "u"}, model_version=version)
+            rec.update(
+                entropy=entropy, model={"name": "segloop-pets", "version": version, "uri": "u"}, model_version=version
+            )
             assert cap.offer((root / "images" / f"{name}.jpg").read_bytes(), "image/jpeg", rec)
         assert cap.flush(30) and cap.stats()["stored"] == len(entropies)
     by_sha = {hashlib.sha256((root / "images" / f"{n}.jpg").read_bytes()).hexdigest(): n for n in entropies}
@@ -89,7 +92,7 @@ def test_list_sorted_by_entropy_with_filters(tmp_path, pets):
     assert recs[2].id == ids[names[4]] and recs[3].id == ids[names[2]]  # tie: newest first
     assert [r.entropy for r in q.list_captures(store, model_version="2")] == [0.7, 0.5]
     assert [r.entropy for r in q.list_captures(store, limit=2)] == [0.9, 0.7]
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     assert q.list_captures(store, since=now + dt.timedelta(hours=1)) == []
     assert len(q.list_captures(store, since=now - dt.timedelta(hours=1), until=now + dt.timedelta(hours=1))) == 5
     assert len(q.list_captures(store, until=now.date().isoformat())) == 5  # a bare date includes the day
@@ -98,7 +101,7 @@ def test_list_sorted_by_entropy_with_filters(tmp_path, pets):
     with pytest.raises(ConfigError, match="not a date"):
         q.list_captures(store, since="yesterday-ish")
     # A corrupt capture JSON is skipped (strict: an error naming it).
-    bad = f"captures/{now:%Y-%m-%d}/{q.new_capture_id()}.json"
+    bad = f"captures/{now:%Y-%m-%d}/{new_capture_id()}.json"
     store.put_bytes(bad, b"{oops")
     assert len(q.list_captures(store)) == 5
     with pytest.raises(DatasetError, match="not valid JSON"):
@@ -174,7 +177,7 @@ def test_round_trip_creates_a_verified_child_version(store, tmp_path, pets):
     verify_version(store, child)
     new = [r.id for r in res.records]
     assert child.splits["trainval"][: len(parent.splits["trainval"])] == parent.splits["trainval"]
-    assert sorted(child.splits["trainval"][len(parent.splits["trainval"]):]) == sorted(new)
+    assert sorted(child.splits["trainval"][len(parent.splits["trainval"]) :]) == sorted(new)
     assert sorted(child.notes["import"]["captures"]) == sorted(new)
     # The parent is untouched and still verifies.
     again = get_version(store, "pets", parent.version)
@@ -252,7 +255,7 @@ def test_bad_imports_name_every_sample_and_write_nothing(tmp_path, pets):
     bad_values[5, 5] = 7
     Image.fromarray(bad_values).save(d / f"{ids[2]}.png")  # trimap value 7
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(d / f"{ids[3]}.png")  # colour image, not a label map
-    Image.fromarray(np.full((64, 64), 2, np.uint8)).save(d / f"{q.new_capture_id()}.png")  # no such capture
+    Image.fromarray(np.full((64, 64), 2, np.uint8)).save(d / f"{new_capture_id()}.png")  # no such capture
     with pytest.raises(DatasetError) as err:
         q.import_annotations(store, "pets", parent.version, d)
     msg = str(err.value)
@@ -263,8 +266,14 @@ def test_bad_imports_name_every_sample_and_write_nothing(tmp_path, pets):
     assert f"sample {ids[3]}" in msg and "mode RGB" in msg and "no capture" in msg
 
     # Label Studio: unknown class, unsupported brush region, a task for no known capture.
-    region = {"type": "polygonlabels", "from_name": "label", "to_name": "image", "original_width": 64,
-              "original_height": 64, "value": {"points": [[10, 10], [50, 10], [50, 50]], "polygonlabels": ["cat"]}}
+    region = {
+        "type": "polygonlabels",
+        "from_name": "label",
+        "to_name": "image",
+        "original_width": 64,
+        "original_height": 64,
+        "value": {"points": [[10, 10], [50, 10], [50, 50]], "polygonlabels": ["cat"]},
+    }
     tasks = [
         {"data": {"capture_id": ids[0]}, "annotations": [{"result": [region]}]},
         {"data": {"capture_id": ids[1]}, "annotations": [{"result": [{"type": "brushlabels", "value": {}}]}]},
@@ -283,11 +292,19 @@ def test_bad_imports_name_every_sample_and_write_nothing(tmp_path, pets):
     # COCO: unknown category, RLE of the wrong size.
     rle = mask_utils.encode(np.asfortranarray(np.ones((32, 32), np.uint8)))
     coco = {
-        "images": [{"id": 1, "file_name": f"{ids[0]}.jpg", "width": 64, "height": 64},
-                   {"id": 2, "file_name": f"{ids[1]}.jpg", "width": 64, "height": 64}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 9, "segmentation": [[1, 1, 20, 1, 20, 20]]},
-                        {"id": 2, "image_id": 2, "category_id": 1,
-                         "segmentation": {"size": [32, 32], "counts": rle["counts"].decode()}}],
+        "images": [
+            {"id": 1, "file_name": f"{ids[0]}.jpg", "width": 64, "height": 64},
+            {"id": 2, "file_name": f"{ids[1]}.jpg", "width": 64, "height": 64},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 9, "segmentation": [[1, 1, 20, 1, 20, 20]]},
+            {
+                "id": 2,
+                "image_id": 2,
+                "category_id": 1,
+                "segmentation": {"size": [32, 32], "counts": rle["counts"].decode()},
+            },
+        ],
         "categories": [{"id": 1, "name": "pet"}, {"id": 9, "name": "dog"}],
     }
     (tmp_path / "coco.json").write_text(json.dumps(coco))
@@ -331,7 +348,10 @@ def test_import_failing_part_way_leaves_no_version(tmp_path, pets):
     parent = create_version(store, "pets", pets, "semantic")
     ids = capture_pets(store, pets, {n: 0.5 for n in pet_names(pets)[:3]})
     # Corrected trimaps differ from the parent's, so the import uploads 3 trimaps + the split list.
-    truth = {cid: np.where(trimap_of(pets, name) == 3, 1, trimap_of(pets, name)).astype(np.uint8) for name, cid in ids.items()}
+    truth = {
+        cid: np.where(trimap_of(pets, name) == 3, 1, trimap_of(pets, name)).astype(np.uint8)
+        for name, cid in ids.items()
+    }
     ann = q.simulate_annotation(store, [q.get_capture(store, i) for i in ids.values()], truth, tmp_path / "a")
     store.fail_after = 2
     with pytest.raises(StoreError, match="went away"):
@@ -355,12 +375,27 @@ def test_instance_round_trip_through_coco(tmp_path, shapes):
                 if a["image_id"] != im["id"] or a["iscrowd"]:
                     continue
                 rle = mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], 64, 64))
-                insts.append({"category_id": class_names.index(cats[a["category_id"]]), "category_name": cats[a["category_id"]],
-                              "score": 0.6, "bbox": a["bbox"],
-                              "segmentation": {"size": [64, 64], "counts": rle["counts"].decode()}})
-            rec = {"task": "instance", "width": 64, "height": 64, "class_names": class_names, "instances": insts,
-                   "num_instances": len(insts), "confidence": 0.6, "entropy": 0.3 + 0.1 * k,
-                   "model": {"name": "segloop-shapes", "version": "4"}, "model_version": "4"}
+                insts.append(
+                    {
+                        "category_id": class_names.index(cats[a["category_id"]]),
+                        "category_name": cats[a["category_id"]],
+                        "score": 0.6,
+                        "bbox": a["bbox"],
+                        "segmentation": {"size": [64, 64], "counts": rle["counts"].decode()},
+                    }
+                )
+            rec = {
+                "task": "instance",
+                "width": 64,
+                "height": 64,
+                "class_names": class_names,
+                "instances": insts,
+                "num_instances": len(insts),
+                "confidence": 0.6,
+                "entropy": 0.3 + 0.1 * k,
+                "model": {"name": "segloop-shapes", "version": "4"},
+                "model_version": "4",
+            }
             cap.offer((shapes / "images" / "train" / im["file_name"]).read_bytes(), None, rec)
         assert cap.flush(20)
     res = q.export(store, tmp_path / "out", top=3)

@@ -1,4 +1,4 @@
-"""serve_app.rules (the monitoring actor's rule engine) and serve_app.signals (where its inputs come from).
+"""monitoring.rules (the monitoring actor's rule engine) and monitoring.signals (where its inputs come from).
 
 The engine runs on synthetic series; the signal readers run against real endpoints: a small static
 metrics endpoint served here, a real Prometheus scraping it, and (slow) a real Ray cluster whose actor
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app.metrics import UNIT_BOUNDARIES
-from serve_app.rules import DEFAULT_RULES, Event, RuleConfig, RuleEngine, parse_rules
-from serve_app.signals import (
+from monitoring.metric_names import UNIT_BOUNDARIES
+from monitoring.rules import DEFAULT_RULES, Event, RuleConfig, RuleEngine, parse_rules
+from monitoring.signals import (
     KEYS,
     RayMetricsReader,
     SignalsUnavailable,
@@ -33,15 +33,25 @@ from serve_app.signals import (
     query_prometheus,
     ray_metrics_urls,
 )
+from segloop.errors import ConfigError
 from tests.conftest import free_port
 from tests.test_monitoring_config import ALERTS_YML, PROMETHEUS_YML, dashboard_queries, run_prometheus
-from train.errors import ConfigError
 
-LOW_CONF = RuleConfig(name="low_confidence", signal="mean_confidence", op="<", threshold=0.6,
-                      window_s=300, for_s=60, hysteresis=0.05, cooldown_s=0)
+LOW_CONF = RuleConfig(
+    name="low_confidence",
+    signal="mean_confidence",
+    op="<",
+    threshold=0.6,
+    window_s=300,
+    for_s=60,
+    hysteresis=0.05,
+    cooldown_s=0,
+)
 
 
-def run(engine: RuleEngine, values, start: float = 0.0, step: float = 10.0, signal: str = "mean_confidence") -> list[Event]:
+def run(
+    engine: RuleEngine, values, start: float = 0.0, step: float = 10.0, signal: str = "mean_confidence"
+) -> list[Event]:
     """Feed one value per step; returns all events."""
     events = []
     for i, v in enumerate(values):
@@ -264,11 +274,22 @@ def test_parse_series_keeps_only_the_signal_samples():
     series = parse_series(exposition(conf=(1.5, 3), ok=2), source="u")
     names = sorted({k[1] for k in series})
     assert names == [
-        "ray_segloop_confidence_count", "ray_segloop_confidence_sum", "ray_segloop_entropy_count",
-        "ray_segloop_entropy_sum", "ray_segloop_predictions_total",
+        "ray_segloop_confidence_count",
+        "ray_segloop_confidence_sum",
+        "ray_segloop_entropy_count",
+        "ray_segloop_entropy_sum",
+        "ray_segloop_predictions_total",
     ]
-    assert series[("u", "ray_segloop_confidence_sum",
-                   frozenset({"Component": "core_worker", "WorkerId": "w1", "model_version": "1"}.items()))] == 1.5
+    assert (
+        series[
+            (
+                "u",
+                "ray_segloop_confidence_sum",
+                frozenset({"Component": "core_worker", "WorkerId": "w1", "model_version": "1"}.items()),
+            )
+        ]
+        == 1.5
+    )
 
 
 def test_ray_reader_windowed_deltas_and_resets():
@@ -276,7 +297,12 @@ def test_ray_reader_windowed_deltas_and_resets():
     with serve_text(lambda: page["w1"] + page["w2"]) as url:
         reader = RayMetricsReader(url, window_s=60)
         assert reader.read(now=0) == dict.fromkeys(KEYS)  # baseline only
-        assert reader.read(now=10) == {"mean_confidence": None, "mean_entropy": None, "error_rate": None, "requests": 0.0}
+        assert reader.read(now=10) == {
+            "mean_confidence": None,
+            "mean_entropy": None,
+            "error_rate": None,
+            "requests": 0.0,
+        }
 
         page["w1"] = exposition(conf=(3.0, 10), ent=(2.0, 10), ok=8, err=2, rejected=2)
         got = reader.read(now=20)
@@ -319,10 +345,12 @@ def test_query_prometheus_on_scraped_endpoint(tmp_path: Path):
 
     with serve_text(page) as url:
         target = url.removeprefix("http://").removesuffix("/metrics")
-        config = yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "static", "static_configs": [{"targets": [target]}]}],
-        })
+        config = yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [{"job_name": "static", "static_configs": [{"targets": [target]}]}],
+            }
+        )
         with run_prometheus(config, tmp_path / "prom") as prom:
             before = time.time() - 3600
             deadline = time.monotonic() + 30
@@ -337,7 +365,11 @@ def test_query_prometheus_on_scraped_endpoint(tmp_path: Path):
             assert got["requests"] > 0
             # an hour before there was nothing: no data, and zero requests
             assert query_prometheus(prom.url, window_s=5, at=before) == {
-                "mean_confidence": None, "mean_entropy": None, "error_rate": None, "requests": 0.0}
+                "mean_confidence": None,
+                "mean_entropy": None,
+                "error_rate": None,
+                "requests": 0.0,
+            }
 
 
 # --- real Ray -----------------------------------------------------------------------------------
@@ -357,12 +389,21 @@ def _emitter_class():
         def __init__(self):
             from ray.util.metrics import Counter, Histogram
 
-            self.conf = Histogram("segloop_confidence", description="Per-image confidence.",
-                                  boundaries=BOUNDS, tag_keys=("model_version",))
-            self.ent = Histogram("segloop_entropy", description="Per-image normalised entropy.",
-                                 boundaries=BOUNDS, tag_keys=("model_version",))
-            self.pred = Counter("segloop_predictions", description="Predictions served.",
-                                tag_keys=("model_version", "task", "status"))
+            self.conf = Histogram(
+                "segloop_confidence",
+                description="Per-image confidence.",
+                boundaries=BOUNDS,
+                tag_keys=("model_version",),
+            )
+            self.ent = Histogram(
+                "segloop_entropy",
+                description="Per-image normalised entropy.",
+                boundaries=BOUNDS,
+                tag_keys=("model_version",),
+            )
+            self.pred = Counter(
+                "segloop_predictions", description="Predictions served.", tag_keys=("model_version", "task", "status")
+            )
             self.rej = Counter("segloop_rejections", description="Rejected requests.", tag_keys=("reason",))
 
         def worker_id(self) -> str:
@@ -385,8 +426,12 @@ def _emitter_class():
 
 # Ray (2.60) exports a histogram's _sum as count x bucket midpoint, not the observed values
 # (ray/_private/telemetry/open_telemetry_metric_recorder.py); midpoints keep the expected means exact.
-BATCH = dict(conf=[0.225, 0.425, 0.875, 0.675], ent=[0.125, 0.275, 0.475, 0.325], ok=6,
-             rejected={"not_an_image": 1, "truncated": 1})
+BATCH = dict(
+    conf=[0.225, 0.425, 0.875, 0.675],
+    ent=[0.125, 0.275, 0.475, 0.325],
+    ok=6,
+    rejected={"not_an_image": 1, "truncated": 1},
+)
 EXPECTED = {"mean_confidence": 0.55, "mean_entropy": 0.3, "error_rate": 0.25}
 
 
@@ -433,15 +478,18 @@ def test_query_prometheus_scraping_ray_via_service_discovery(ray_cluster, tmp_pa
     try:
         wid = ray.get(emitter.worker_id.remote())
         # Warm-up: create every series first; Prometheus counts increases from a series' first sample on.
-        ray.get(emitter.emit.remote(conf=[0.5] * 50, ent=[0.5] * 50, ok=50, rejected={"not_an_image": 1, "truncated": 1}))
+        ray.get(
+            emitter.emit.remote(conf=[0.5] * 50, ent=[0.5] * 50, ok=50, rejected={"not_an_image": 1, "truncated": 1})
+        )
         with run_prometheus(yaml.safe_dump(cfg), tmp_path / "prom") as prom:
             warm = f'ray_segloop_predictions_total{{WorkerId="{wid}"}}'
             deadline = time.monotonic() + 60
             while sum(float(r["value"][1]) for r in prom.query(warm)) < 52 and time.monotonic() < deadline:
                 time.sleep(0.5)
             rejections = prom.query(f'ray_segloop_rejections_total{{WorkerId="{wid}"}}')
-            assert sorted(r["metric"]["reason"] for r in rejections) == ["not_an_image", "truncated"], \
+            assert sorted(r["metric"]["reason"] for r in rejections) == ["not_an_image", "truncated"], (
                 f"no warm-up metrics in Prometheus:\n{prom.log.read_text()[-2000:]}"
+            )
             # Exported names, labels and buckets, as Prometheus sees them.
             buckets = prom.query(f'ray_segloop_confidence_bucket{{WorkerId="{wid}"}}')
             assert sorted(float(r["metric"]["le"]) for r in buckets) == sorted(BOUNDS + [math.inf])
@@ -460,9 +508,16 @@ def test_query_prometheus_scraping_ray_via_service_discovery(ray_cluster, tmp_pa
             assert got["requests"] == pytest.approx(8, rel=0.5)  # increase() extrapolates to the window edges
 
             # The dashboard panels fed by these four metrics show data.
-            emitted = {"ray_segloop_confidence", "ray_segloop_entropy", "ray_segloop_predictions", "ray_segloop_rejections"}
-            metrics = {q: {re.sub(r"_(bucket|sum|count|total)$", "", m) for m in re.findall(r"ray_\w+", q)}
-                       for q in dashboard_queries()}
+            emitted = {
+                "ray_segloop_confidence",
+                "ray_segloop_entropy",
+                "ray_segloop_predictions",
+                "ray_segloop_rejections",
+            }
+            metrics = {
+                q: {re.sub(r"_(bucket|sum|count|total)$", "", m) for m in re.findall(r"ray_\w+", q)}
+                for q in dashboard_queries()
+            }
             fed = [q for q, ms in metrics.items() if ms and ms <= emitted]
             assert len(fed) >= 6
             assert [q for q in fed if not prom.query(q)] == []

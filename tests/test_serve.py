@@ -49,20 +49,31 @@ def instance_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def serve_urls(ray_cluster, store, instance_checkpoint):
     from ray import serve
 
-    from serve_app.app import deploy, wait_running
+    from monitoring.serving import deploy, wait_running
     from serve_app.config import AppArgs
 
     port = free_port()
     http = {"host": "127.0.0.1", "port": port}
-    common = dict(max_body_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, model_num_replicas=1, model_num_cpus=1, ingress_num_cpus=0)
+    common = dict(
+        max_body_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, model_num_replicas=1, model_num_cpus=1, ingress_num_cpus=0
+    )
     sem = AppArgs(
         data_dir=str(store["data_dir"]),
-        model={"model_uri": f"models:/{SEM_MODEL}@champion", "poll_interval_s": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-        model_max_ongoing_requests=16, model_max_queued_requests=16, **common,
+        model={
+            "model_uri": f"models:/{SEM_MODEL}@champion",
+            "poll_interval_s": 0.5,
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.05,
+        },
+        model_max_ongoing_requests=16,
+        model_max_queued_requests=16,
+        **common,
     )
     inst = AppArgs(
         model={"model_uri": f"checkpoint:{instance_checkpoint}", "poll_interval_s": 0, "max_batch_size": 4},
-        model_max_ongoing_requests=8, auth_token=TOKEN, **common,
+        model_max_ongoing_requests=8,
+        auth_token=TOKEN,
+        **common,
     )
     deploy(sem, SEM_APP, "/", http_options=http, wait=False)
     deploy(inst, INST_APP, "/inst", http_options=http)  # both apps start in parallel
@@ -146,16 +157,22 @@ def test_custom_metrics_exported(serve_urls, ray_cluster):
     deadline = time.time() + 90
     while True:
         after = scrape(port)
-        deltas = {k: total(after, k[0], **app, **dict(k[1])) - total(before, k[0], **app, **dict(k[1])) for k in expected}
+        deltas = {
+            k: total(after, k[0], **app, **dict(k[1])) - total(before, k[0], **app, **dict(k[1])) for k in expected
+        }
         if deltas == expected or time.time() > deadline:
             break
         time.sleep(2)
     assert deltas == expected
     # one batch per sequential request (Ray estimates histogram _sum from bucket midpoints, so only counts are exact)
     batches = total(after, "ray_segloop_batch_size_count", **app) - total(before, "ray_segloop_batch_size_count", **app)
-    forwards = total(after, "ray_segloop_model_latency_s_count", **app) - total(before, "ray_segloop_model_latency_s_count", **app)
+    forwards = total(after, "ray_segloop_model_latency_s_count", **app) - total(
+        before, "ray_segloop_model_latency_s_count", **app
+    )
     assert batches == forwards == 3
-    ones = total(after, "ray_segloop_batch_size_bucket", **app, le="1.0") - total(before, "ray_segloop_batch_size_bucket", **app, le="1.0")
+    ones = total(after, "ray_segloop_batch_size_bucket", **app, le="1.0") - total(
+        before, "ray_segloop_batch_size_bucket", **app, le="1.0"
+    )
     assert ones == 3
     assert total(after, "ray_segloop_confidence_bucket", **app, le="+Inf") >= 3
     # Serve's own metrics stay on
@@ -325,7 +342,7 @@ class Stream:
             except requests.RequestException as err:
                 self.results.append((time.time(), repr(err), None))
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         for t in self._threads:
             t.start()
         return self
@@ -348,7 +365,7 @@ def test_champion_change_fails_no_request(serve_urls, store):
     """Moving the alias in MLflow: replicas follow it, no request fails, later ones name v2."""
     import mlflow
 
-    from serve_app.app import switch_model
+    from monitoring.serving import switch_model
 
     pid = requests.get(serve_urls["sem"] + "/model", timeout=30).json()["pid"]
     with Stream(serve_urls["sem"]) as stream:

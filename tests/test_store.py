@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import load_config
-from train.errors import ConfigError, StoreError
-from train.store import (
+from dataplane.store import (
     LocalStore,
     ObjectNotFound,
     S3Store,
@@ -28,6 +26,8 @@ from train.store import (
     store_config_from_url,
     store_from_env,
 )
+from segloop.config import load_config
+from segloop.errors import ConfigError, StoreError
 
 try:
     from tests.s3server import S3Server, make_s3_store, start_s3_server, unique_bucket
@@ -150,7 +150,7 @@ def test_local_store_root_is_a_file(tmp_path):
 _CRASH_SCRIPT = textwrap.dedent(
     """
     import resource, signal, sys
-    from train.store import LocalStore
+    from dataplane.store import LocalStore
     store = LocalStore(sys.argv[1])
     # "error": the write fails with EFBIG; "crash": SIGXFSZ kills the process mid-write
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN if sys.argv[2] == "error" else signal.SIG_DFL)
@@ -171,7 +171,10 @@ def test_local_write_is_atomic(tmp_path, mode):
     store.put_bytes("obj.bin", b"old")
     proc = subprocess.run(
         [sys.executable, "-c", _CRASH_SCRIPT, str(store.root), mode],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if mode == "error":
         assert proc.returncode == 3 and "StoreError" in proc.stdout and "obj.bin" in proc.stdout, proc
@@ -237,7 +240,7 @@ def test_s3_hung_server_times_out():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)  # the kernel completes handshakes; nobody ever reads or answers
-        endpoint = "127.0.0.1:%d" % sock.getsockname()[1]
+        endpoint = f"127.0.0.1:{sock.getsockname()[1]}"
         store = S3Store(endpoint, unique_bucket(), "a", "b", timeout=1.0)
         t0 = time.monotonic()
         with pytest.raises(StoreError, match=endpoint):
@@ -296,9 +299,17 @@ def test_credential_fallbacks():
     assert s3_credentials({}) == (None, None)
     assert s3_credentials({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}) == ("a", "b")
     assert s3_credentials({"MINIO_ROOT_USER": "m", "MINIO_ROOT_PASSWORD": "p"}) == ("m", "p")
-    both = {"SEGLOOP_S3_ACCESS_KEY": "s", "SEGLOOP_S3_SECRET_KEY": "t", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    both = {
+        "SEGLOOP_S3_ACCESS_KEY": "s",
+        "SEGLOOP_S3_SECRET_KEY": "t",
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+    }
     assert s3_credentials(both) == ("s", "t")
-    assert s3_credentials({"SEGLOOP_S3_ACCESS_KEY": "s", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}) == ("a", "b")
+    assert s3_credentials({"SEGLOOP_S3_ACCESS_KEY": "s", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}) == (
+        "a",
+        "b",
+    )
 
 
 def test_store_from_env(tmp_path, monkeypatch, s3_server):

@@ -7,25 +7,38 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from train.config import TrainConfig, load_config
-from train.errors import ConfigError, DatasetError
+from segloop.config import load_config
+from segloop.errors import ConfigError, DatasetError
+from train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def pets_cfg(pets_root: Path, data_dir: Path, **kw) -> TrainConfig:
     base = dict(
-        task="semantic", dataset=str(pets_root), image_size=64, epochs=8, batch_size=4, lr=0.01,
-        bn_momentum=0.1, num_workers=2, data_dir=str(data_dir), experiment="test-pets",
-        registered_model="test-pets", patience=0, seed=0,
+        task="semantic",
+        dataset=str(pets_root),
+        image_size=64,
+        epochs=8,
+        batch_size=4,
+        lr=0.01,
+        bn_momentum=0.1,
+        num_workers=2,
+        data_dir=str(data_dir),
+        experiment="test-pets",
+        registered_model="test-pets",
+        patience=0,
+        seed=0,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -51,7 +64,7 @@ def test_cli_reports_config_errors_with_exit_2(tmp_path: Path) -> None:
 
 
 def test_missing_dataset_fails_before_work(tmp_path: Path) -> None:
-    from train.job import resolve_dataset
+    from train.run import resolve_dataset
 
     with pytest.raises(DatasetError, match="does not exist"):
         resolve_dataset(TrainConfig(dataset=str(tmp_path / "nope")))
@@ -81,7 +94,7 @@ def test_promotion_rule() -> None:
 
 # ----------------------------------------------------------------------------- Ray
 def test_too_many_workers_is_rejected(ray_cluster, pets_root: Path, data_dir: Path) -> None:
-    from train.job import check_resources
+    from train.run import check_resources
 
     with pytest.raises(ConfigError, match="needs 64 CPUs"):
         check_resources(pets_cfg(pets_root, data_dir, num_workers=64), use_gpu=False)
@@ -89,8 +102,16 @@ def test_too_many_workers_is_rejected(ray_cluster, pets_root: Path, data_dir: Pa
         check_resources(pets_cfg(pets_root, data_dir, num_workers=1), use_gpu=True)
 
 
+def _progress_lines(text: str, epochs: int) -> list[int]:
+    """Epoch numbers of the project's progress lines (``epoch 3/8 | ... | img/s | ... | ETA ...``)."""
+    pattern = re.compile(rf"epoch (\d+)/{epochs} \|.* img/s \|.*\| ETA \d+m\d\ds$")
+    return [int(m.group(1)) for line in text.splitlines() if (m := pattern.search(line))]
+
+
 @pytest.mark.slow
-def test_pets_train_track_register_promote_rollback(ray_cluster, pets_root: Path, data_dir: Path) -> None:
+def test_pets_train_track_register_promote_rollback(
+    ray_cluster, pets_root: Path, data_dir: Path, capfd: pytest.CaptureFixture
+) -> None:
     import torch
 
     from train import registry
@@ -98,12 +119,37 @@ def test_pets_train_track_register_promote_rollback(ray_cluster, pets_root: Path
     from train.models import build_model
 
     cfg = pets_cfg(pets_root, data_dir)
-    result = run(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run(cfg)
+
+    # a quiet run: one progress line per epoch and the decision, no Ray Train report dumps,
+    # no MLflow warnings about how the model is logged (workers' lines reach the driver asynchronously)
+    out = ""
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        cap = capfd.readouterr()
+        out += cap.out + cap.err
+        if len(_progress_lines(out, cfg.epochs)) >= cfg.epochs:
+            break
+        time.sleep(0.5)
+    assert _progress_lines(out, cfg.epochs) == list(range(1, cfg.epochs + 1)), out[-3000:]
+    assert "model test-pets v1: holdout val_miou=" in out and "-> promoted to champion" in out
+    for noise in ("Reporting training result", "TrainingReport(", "Checkpoint successfully created"):
+        assert noise not in out, noise
+    mlflow_warnings = [str(w.message) for w in caught if "mlflow" in w.filename.replace("\\", "/")]
+    for text in [*mlflow_warnings, out]:
+        assert "cloudpickle" not in text.lower() and "type hint" not in text.lower(), text[-2000:]
 
     # learned something: clearly better than the same architecture untrained, on held-out data
     torch.manual_seed(0)
-    untrained = evaluate_on_holdout(cfg.model_dump(mode="json"), str(pets_root),
-                                    build_model(cfg.model, 3).state_dict(), 3, ["background", "pet", "border"])
+    untrained = evaluate_on_holdout(
+        cfg.model_dump(mode="json"),
+        str(pets_root),
+        build_model(cfg.model, 3).state_dict(),
+        3,
+        ["background", "pet", "border"],
+    )
     assert result.holdout["val_miou"] > untrained["metrics"]["val_miou"] + 0.1, (result.holdout, untrained["metrics"])
     assert result.promoted and result.model_version == "1"
 
@@ -135,8 +181,13 @@ def test_pets_train_track_register_promote_rollback(ray_cluster, pets_root: Path
     registry.record_decision("test-pets", registry.Decision(True, "2", 0.0, "1", 0.0, 0.0, "val_miou", "manual"))
     assert registry.champion_version("test-pets") == "2"
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
-    out = subprocess.run([sys.executable, "-m", "train", "rollback", "--model", "test-pets"],
-                         capture_output=True, text=True, cwd=REPO, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "train", "rollback", "--model", "test-pets"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert "from version 2 to version 1" in out.stdout
     assert registry.champion_version("test-pets") == "1"
@@ -146,8 +197,16 @@ def test_pets_train_track_register_promote_rollback(ray_cluster, pets_root: Path
 def test_worker_failure_resumes_from_checkpoint(ray_cluster, pets_root: Path, data_dir: Path) -> None:
     from train.job import run
 
-    cfg = pets_cfg(pets_root, data_dir, epochs=3, fail_at_epoch=2, max_failures=1, run_name="faulty",
-                   registered_model="test-faulty", promote=False)
+    cfg = pets_cfg(
+        pets_root,
+        data_dir,
+        epochs=3,
+        fail_at_epoch=2,
+        max_failures=1,
+        run_name="faulty",
+        registered_model="test-faulty",
+        promote=False,
+    )
     result = run(cfg)
     assert result.epochs_run == 3
     ckpts = sorted((data_dir / "ray_results" / "faulty").glob("checkpoint_*"))
@@ -167,9 +226,18 @@ def test_light_maskrcnn_trains_one_epoch_and_logs_coco_map(ray_cluster, coco_roo
     from train.job import run
 
     cfg = TrainConfig(
-        task="instance", dataset=str(coco_root), dataset_name="coco", model="maskrcnn_mobilenet_v3_large_fpn",
-        model_kwargs={"min_size": 96, "max_size": 96}, epochs=1, batch_size=4, lr=1e-3, num_workers=1,
-        data_dir=str(data_dir), experiment="test-coco", registered_model="test-coco",
+        task="instance",
+        dataset=str(coco_root),
+        dataset_name="coco",
+        model="maskrcnn_mobilenet_v3_large_fpn",
+        model_kwargs={"min_size": 96, "max_size": 96},
+        epochs=1,
+        batch_size=4,
+        lr=1e-3,
+        num_workers=1,
+        data_dir=str(data_dir),
+        experiment="test-coco",
+        registered_model="test-coco",
     )
     result = run(cfg)
     run_ = mlflow.MlflowClient().get_run(result.run_id)

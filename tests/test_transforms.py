@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.errors import ConfigError
+from segloop.errors import ConfigError
 from train.transforms import (
     IMAGENET_MEAN,
     Compose,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.errors import ConfigError
+from segloop.errors import ConfigError
 from tune.config import ParamSpec, SearchConfig, in_space, load_search_config, resolve, to_tune_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,16 +22,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 def base_cfg(pets_root: Path | str, data_dir: Path | str, **kw) -> dict:
     base = dict(
-        task="semantic", dataset=str(pets_root), image_size=64, epochs=3, batch_size=8, lr=0.005, bn_momentum=0.1,
-        num_workers=1, data_dir=str(data_dir), experiment="test-tune", registered_model="test-tune",
-        patience=0, seed=0,
+        task="semantic",
+        dataset=str(pets_root),
+        image_size=64,
+        epochs=3,
+        batch_size=8,
+        lr=0.005,
+        bn_momentum=0.1,
+        num_workers=1,
+        data_dir=str(data_dir),
+        experiment="test-tune",
+        registered_model="test-tune",
+        patience=0,
+        seed=0,
     )
     base.update(kw)
     return base
 
 
 def search(tmp_path: Path, **kw) -> SearchConfig:
-    data = dict(base=base_cfg(tmp_path / "pets", tmp_path), space={"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}})
+    data = dict(
+        base=base_cfg(tmp_path / "pets", tmp_path), space={"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}
+    )
     data.update(kw)
     return SearchConfig.model_validate(data)
 
@@ -98,12 +110,21 @@ def test_values_are_checked_against_the_training_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not semantic models"):
         resolve(search(tmp_path, space={"model": {"type": "choice", "values": ["maskrcnn_resnet50_fpn_v2"]}}))
     with pytest.raises(ConfigError, match="ce_weight and dice_weight can both be 0"):
-        resolve(search(tmp_path, space={"ce_weight": {"type": "uniform", "low": 0, "high": 1},
-                                        "dice_weight": {"type": "choice", "values": [0, 0.5]}}))
+        resolve(
+            search(
+                tmp_path,
+                space={
+                    "ce_weight": {"type": "uniform", "low": 0, "high": 1},
+                    "dice_weight": {"type": "choice", "values": [0, 0.5]},
+                },
+            )
+        )
 
 
 def test_num_samples_and_asha_settings(tmp_path: Path) -> None:
-    f = write(tmp_path, {"base": base_cfg("x", tmp_path), "space": {"lr": {"type": "uniform", "low": 0.001, "high": 0.01}}})
+    f = write(
+        tmp_path, {"base": base_cfg("x", tmp_path), "space": {"lr": {"type": "uniform", "low": 0.001, "high": 0.01}}}
+    )
     with pytest.raises(ConfigError, match="num_samples"):
         load_search_config(f, ["num_samples=0"])
     with pytest.raises(ConfigError, match="grace_period=5 must be <= max_t=3"):
@@ -116,13 +137,26 @@ def test_num_samples_and_asha_settings(tmp_path: Path) -> None:
 
 
 def test_cli_reports_bad_input_before_any_trial(tmp_path: Path) -> None:
-    f = write(tmp_path, {"base": base_cfg(tmp_path / "missing", tmp_path / "dd"), "space": {"foo": {"type": "choice", "values": [1]}}})
-    out = subprocess.run([sys.executable, "-m", "tune", "--config", str(f), "--num-samples", "4"],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    f = write(
+        tmp_path,
+        {"base": base_cfg(tmp_path / "missing", tmp_path / "dd"), "space": {"foo": {"type": "choice", "values": [1]}}},
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "tune", "--config", str(f), "--num-samples", "4"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr
     assert "space.foo: unknown hyperparameter" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([sys.executable, "-m", "tune", "--config", str(f), "--num-samples", "0"],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "tune", "--config", str(f), "--num-samples", "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 2 and "num_samples" in out.stderr
     assert not (tmp_path / "dd").exists()  # nothing started: no MLflow store, no Ray results
 
@@ -132,7 +166,9 @@ def test_shipped_config_and_base_path(tmp_path: Path) -> None:
     assert rs.base.model == "lraspp_mobilenet_v3_large" and rs.max_t == 4 and rs.search.num_samples == 2
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "train.yaml").write_text(yaml.safe_dump(base_cfg("x", tmp_path)))
-    f = write(tmp_path / "sub", {"base": "train.yaml", "space": {"lr": {"type": "uniform", "low": 0.001, "high": 0.01}}})
+    f = write(
+        tmp_path / "sub", {"base": "train.yaml", "space": {"lr": {"type": "uniform", "low": 0.001, "high": 0.01}}}
+    )
     assert load_search_config(f, ["base.lr=0.5"]).base.lr == 0.5  # relative to the search file; base.* overrides
     with pytest.raises(ConfigError, match="base config 'nope.yaml' not found"):
         load_search_config(f, ["base=nope.yaml"])
@@ -172,7 +208,9 @@ def test_resume_decision(tmp_path: Path) -> None:
     assert resume_decision(exp, resume=False) == "fresh"  # a directory without Tune state
     (exp / _TUNER_PKL).write_bytes(b"")  # what Tuner.can_restore looks for
     (exp / FINGERPRINT_FILE).write_text(json.dumps({"num_samples": 4, "space": {"lr": {"type": "uniform"}}}))
-    assert resume_decision(exp, resume=True, current={"num_samples": 4, "space": {"lr": {"type": "uniform"}}}) == "restore"
+    assert (
+        resume_decision(exp, resume=True, current={"num_samples": 4, "space": {"lr": {"type": "uniform"}}}) == "restore"
+    )
     with pytest.raises(ConfigError, match="different config .*num_samples"):
         resume_decision(exp, resume=False, current={"num_samples": 8, "space": {"lr": {"type": "uniform"}}})
 
@@ -219,8 +257,9 @@ def _children(client, exp_id: str, parent_id: str) -> list:
 
 
 @pytest.mark.slow
-def test_search_asha_mlflow_register_and_rerun(ray_cluster, pets_root: Path, data_dir: Path, own_mlflow_store,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_search_asha_mlflow_register_and_rerun(
+    ray_cluster, pets_root: Path, data_dir: Path, own_mlflow_store, capsys: pytest.CaptureFixture
+) -> None:
     import mlflow
 
     from tune.search import run_search
@@ -230,10 +269,19 @@ def test_search_asha_mlflow_register_and_rerun(ray_cluster, pets_root: Path, dat
     # depends on arrival order). val_loss separates the two clearly after one epoch.
     cfg = SearchConfig(
         base=base_cfg(pets_root, data_dir),
-        space={"lr": {"type": "choice", "values": [0.01, 1e-7]},
-               "weight_decay": {"type": "loguniform", "low": 1e-6, "high": 1e-3}},
-        num_samples=4, max_concurrent_trials=2, grace_period=1, reduction_factor=2,
-        metric="val_loss", mode="min", seed=30, name="pets-asha", register_best=True,
+        space={
+            "lr": {"type": "choice", "values": [0.01, 1e-7]},
+            "weight_decay": {"type": "loguniform", "low": 1e-6, "high": 1e-3},
+        },
+        num_samples=4,
+        max_concurrent_trials=2,
+        grace_period=1,
+        reduction_factor=2,
+        metric="val_loss",
+        mode="min",
+        seed=30,
+        name="pets-asha",
+        register_best=True,
     )
     rs = resolve(cfg)
     res = run_search(rs)
@@ -278,13 +326,16 @@ def test_search_asha_mlflow_register_and_rerun(ray_cluster, pets_root: Path, dat
     cfg.register_best = False
     again = run_search(resolve(cfg))
     assert again.parent_run_id == res.parent_run_id
-    assert [(r.trial_id, r.epochs, r.status) for r in again.rows] == [(r.trial_id, r.epochs, r.status) for r in res.rows]
+    assert [(r.trial_id, r.epochs, r.status) for r in again.rows] == [
+        (r.trial_id, r.epochs, r.status) for r in res.rows
+    ]
     assert len(_children(client, exp_id, res.parent_run_id)) == 4
 
 
 @pytest.mark.slow
-def test_failed_search_resumes_from_train_checkpoints(ray_cluster, pets_root: Path, data_dir: Path,
-                                                     own_mlflow_store) -> None:
+def test_failed_search_resumes_from_train_checkpoints(
+    ray_cluster, pets_root: Path, data_dir: Path, own_mlflow_store
+) -> None:
     import mlflow
 
     from tune.search import run_search
@@ -294,7 +345,9 @@ def test_failed_search_resumes_from_train_checkpoints(ray_cluster, pets_root: Pa
     cfg = SearchConfig(
         base=base_cfg(pets_root, data_dir, epochs=2, fail_at_epoch=1, max_failures=0),
         space={"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
-        num_samples=1, grace_period=2, name="pets-resume",
+        num_samples=1,
+        grace_period=2,
+        name="pets-resume",
     )
     first = run_search(resolve(cfg))
     assert [(r.status, r.epochs) for r in first.rows] == [("error", 1)]

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from train.errors import DatasetError, StoreError
-from train.store import LocalStore, ObjectStore, blob_key
-from train.versions import (
+from dataplane.store import LocalStore, ObjectStore, blob_key
+from dataplane.versions import (
     MARKER,
     Manifest,
     add_samples,
@@ -32,6 +31,7 @@ from train.versions import (
     verify_version,
     write_manifest,
 )
+from segloop.errors import DatasetError, StoreError
 
 try:
     from tests.s3server import make_s3_store, start_s3_server
@@ -95,8 +95,17 @@ def make_coco(root: Path) -> Path:
         for i, fn in enumerate(files):
             (root / "images" / split / fn).write_bytes(_jpg(i + 7))
             images.append({"id": i + 1, "file_name": fn, "width": 16, "height": 16})
-            anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0, "area": 16.0,
-                         "bbox": [2, 2, 4, 4], "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]]})
+            anns.append(
+                {
+                    "id": i + 1,
+                    "image_id": i + 1,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "area": 16.0,
+                    "bbox": [2, 2, 4, 4],
+                    "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]],
+                }
+            )
         (root / "annotations").mkdir(exist_ok=True)
         (root / "annotations" / f"instances_{split}.json").write_text(
             json.dumps({"images": images, "annotations": anns, "categories": cats})
@@ -161,9 +170,12 @@ def test_create_get_materialize(store, tmp_path):
     assert m.name == "pets" and m.parent is None and m.task == "semantic"
     assert m.classes == ["background", "pet", "border"]
     assert m.splits == {"test": ["dog_2"], "trainval": ["cat_1", "cat_2", "dog_1"]}
-    assert m.digest == hashlib.sha256(
-        json.dumps(m.body(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    ).hexdigest()
+    assert (
+        m.digest
+        == hashlib.sha256(
+            json.dumps(m.body(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        ).hexdigest()
+    )
     assert m.version == m.digest[:16]
     assert [f.path for f in m.files] == sorted(tree(src))
     assert all(f.sha256 == hashlib.sha256(tree(src)[f.path]).hexdigest() for f in m.files)
@@ -212,7 +224,9 @@ def test_child_version_adds_samples(store, tmp_path):
     new_img = tmp_path / "new.jpg"
     new_img.write_bytes(_jpg(99))
     child = add_samples(
-        store, "pets", parent.version[:8],
+        store,
+        "pets",
+        parent.version[:8],
         {"images/cap_1.jpg": new_img, "annotations/trimaps/cap_1.png": _trimap(99)},
         split_updates={"trainval": ["cap_1"]},
         notes={"from": "captures/2024-01-01"},
@@ -329,19 +343,38 @@ def test_tampered_manifest_detected(store, tmp_path):
 
 def test_manifest_paths_cannot_escape(store, tmp_path):
     """A stored manifest naming '../x' is refused before materialize could write outside out_dir."""
-    from train.versions import compute_digest
+    from dataplane.versions import compute_digest
 
     sha = hashlib.sha256(b"x").hexdigest()
     store.put_bytes(blob_key(sha), b"x")
     with pytest.raises(DatasetError, match="files"):
-        Manifest.build(name="evil", task="semantic", classes=["a"], splits={},
-                       files=[{"path": "../escape.txt", "size": 1, "sha256": sha}])
+        Manifest.build(
+            name="evil",
+            task="semantic",
+            classes=["a"],
+            splits={},
+            files=[{"path": "../escape.txt", "size": 1, "sha256": sha}],
+        )
     with pytest.raises(DatasetError, match="duplicate file paths: a.txt"):
-        Manifest.build(name="evil", task="semantic", classes=["a"], splits={},
-                       files=[{"path": "a.txt", "size": 1, "sha256": sha}] * 2)
-    raw = {"format": 1, "name": "evil", "parent": None, "created": "2024-01-01T00:00:00Z", "task": "semantic",
-           "classes": ["a"], "splits": {}, "files": [{"path": "../escape.txt", "size": 1, "sha256": sha}],
-           "source": {}, "notes": {}}
+        Manifest.build(
+            name="evil",
+            task="semantic",
+            classes=["a"],
+            splits={},
+            files=[{"path": "a.txt", "size": 1, "sha256": sha}] * 2,
+        )
+    raw = {
+        "format": 1,
+        "name": "evil",
+        "parent": None,
+        "created": "2024-01-01T00:00:00Z",
+        "task": "semantic",
+        "classes": ["a"],
+        "splits": {},
+        "files": [{"path": "../escape.txt", "size": 1, "sha256": sha}],
+        "source": {},
+        "notes": {},
+    }
     digest = compute_digest(raw)
     raw.update(version=digest[:16], digest=digest)
     store.put_json(f"datasets/evil/{digest[:16]}.json", raw)
@@ -400,8 +433,9 @@ def test_get_version_prefixes_and_errors(tmp_path):
     store = LocalStore(tmp_path / "store")
     fake = [{"path": "a.txt", "size": 1, "sha256": "0" * 64}]
     ms = [
-        write_manifest(store, Manifest.build(name="syn", task="semantic", classes=["x"], splits={},
-                                             files=fake, notes={"i": i}))
+        write_manifest(
+            store, Manifest.build(name="syn", task="semantic", classes=["x"], splits={}, files=fake, notes={"i": i})
+        )
         for i in range(17)  # 17 ids over 16 hex digits: at least two share their first character
     ]
     first = {}
@@ -465,8 +499,7 @@ def test_mlflow_dataset_info(tmp_path):
     store = LocalStore(tmp_path / "store")
     m = create_version(store, "pets", make_pets(tmp_path / "pets"), "semantic")
     info = mlflow_dataset_info(m, store)
-    assert info == {"name": "pets", "version": m.version, "digest": m.version,
-                    "source": (store.root / m.key).as_uri()}
+    assert info == {"name": "pets", "version": m.version, "digest": m.version, "source": (store.root / m.key).as_uri()}
     assert len(info["digest"]) <= 36  # MLflow's dataset digest column
     assert mlflow_dataset_info(m)["source"] == f"segloop:{m.key}"
 
@@ -476,8 +509,11 @@ def test_mlflow_dataset_info(tmp_path):
 
 def _cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "train.versions", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "dataplane.versions", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, **(env or {})},
     )
 
@@ -512,8 +548,9 @@ def test_cli(tmp_path):
     r = _cli("verify", "pets", env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r
 
-    r = _cli("create", "coco", str(make_coco(tmp_path / "coco")), "--task", "instance",
-             "--note", "origin=test", env=env)
+    r = _cli(
+        "create", "coco", str(make_coco(tmp_path / "coco")), "--task", "instance", "--note", "origin=test", env=env
+    )
     assert r.returncode == 0 and r.stdout.startswith("coco@"), r
     assert latest_version(store, "coco").notes == {"origin": "test"}
 
@@ -524,16 +561,19 @@ def test_cli(tmp_path):
 
 
 def test_cli_bad_input_in_process(tmp_path, monkeypatch, capsys):
-    from train.versions import main
+    from dataplane.versions import main
 
     store = LocalStore(tmp_path / "store")
     src = make_pets(tmp_path / "pets")
     create_version(store, "pets", src, "semantic")
     monkeypatch.setenv("SEGLOOP_STORE", str(store.root))
-    for args in (["show", "../x"], ["create", "x", str(tmp_path / "nope"), "--task", "semantic"],
-                 ["create", "x", str(src), "--task", "semantic", "--note", "novalue"],
-                 ["materialize", "pets", "latest", str(src)],  # not empty and not ours
-                 ["--store", "s3://bucket", "list"]):  # no SEGLOOP_S3_ENDPOINT
+    for args in (
+        ["show", "../x"],
+        ["create", "x", str(tmp_path / "nope"), "--task", "semantic"],
+        ["create", "x", str(src), "--task", "semantic", "--note", "novalue"],
+        ["materialize", "pets", "latest", str(src)],  # not empty and not ours
+        ["--store", "s3://bucket", "list"],
+    ):  # no SEGLOOP_S3_ENDPOINT
         monkeypatch.delenv("SEGLOOP_S3_ENDPOINT", raising=False)
         code = main(args)
         err = capsys.readouterr().err

@@ -14,30 +14,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.errors import SegloopError, cli_error
+from segloop.errors import SegloopError, cli_error
 
 
 def _train(argv: list[str]) -> int:
-    from train.config import TrainConfig, load_config
+    from segloop.config import load_config
+    from train.config import TrainConfig
     from train.job import run
 
-    p = argparse.ArgumentParser(prog="python -m train", description="Train a segmentation model with Ray Train.")
+    p = argparse.ArgumentParser(prog="segloop train", description="Train a segmentation model with Ray Train.")
     p.add_argument("--config", help="YAML file with TrainConfig keys (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 lr=3e-4 num_workers=2")
     args = p.parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
     result = run(cfg)
-    print(f"run {result.run_name} ({result.run_id}): model version {result.model_version}, "
-          f"{'promoted' if result.promoted else 'not promoted'} — {result.reason}")
+    print(
+        f"run {result.run_name} ({result.run_id}): model version {result.model_version}, "
+        f"{'promoted' if result.promoted else 'not promoted'} — {result.reason}"
+    )
     return 0
 
 
 def _registry(cmd: str, argv: list[str]) -> int:
     from train import registry, tracking
 
-    p = argparse.ArgumentParser(prog=f"python -m train {cmd}")
+    p = argparse.ArgumentParser(prog=f"segloop train {cmd}")
     p.add_argument("--model", required=True, help="registered model name")
-    p.add_argument("--data-dir", default=".segloop", help="embedded MLflow store location (ignored with MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--data-dir", default=".segloop", help="embedded MLflow store location (ignored with MLFLOW_TRACKING_URI)"
+    )
     args = p.parse_args(argv)
     import mlflow
 

@@ -11,14 +11,21 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.metrics.instance import CocoEvaluator, InstanceConfusionMatrix, concat_matches, fitness, match_detections, pr_curves
+from train.metrics.instance import (
+    CocoEvaluator,
+    InstanceConfusionMatrix,
+    concat_matches,
+    fitness,
+    match_detections,
+    pr_curves,
+)
 from train.metrics.semantic import ConfusionMatrix, class_indices, semantic_metrics
 
 
@@ -103,7 +110,7 @@ def train_one_epoch(
             scheduler.step()
         sums["loss"] = sums.get("loss", 0.0) + loss.item()
         for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
         n_images += batch_size_of(images)
         n_batches += 1
     out = {k: v / max(n_batches, 1) for k, v in sums.items()}
@@ -145,6 +152,100 @@ def evaluate_semantic(
         loss_sum, n = _sum_across_ranks(loss_sum), _sum_across_ranks(float(n))
         out["val_loss"] = loss_sum / max(n, 1)
     return out, cm
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """BatchNorm layers that keep running statistics (FrozenBatchNorm2d is not one)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recompute_bn_stats(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    task: str,
+    max_images: int,
+    amp: bool = False,
+) -> int:
+    """Precise BatchNorm: recompute the running statistics for the current weights.
+
+    A short from-scratch run leaves BatchNorm's running averages far behind the weights
+    (MobileNetV3 updates them with momentum 0.01), so an evaluated or saved model sees
+    inputs normalised with stale statistics and predicts one class everywhere. This runs
+    up to ``max_images`` training images through ``model`` in train mode without gradients
+    and sets each layer's statistics to the plain average over those batches (PreciseBN,
+    Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021), then averages them across DDP
+    ranks. Call it with the unwrapped model (DDP would broadcast rank 0's buffers on every
+    forward). Returns the number of images this rank used (0: nothing changed).
+    """
+    bns = _batchnorms(model)
+    if not bns or max_images <= 0:
+        return 0
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch counts the same
+    forward = _bn_forward(model, bns, task)
+    was_training = model.training
+    model.train()
+    seen = 0
+    try:
+        for images, targets in loader:
+            images, targets = to_device(images, targets, device)
+            with autocast(device, amp):
+                forward(images, targets)
+            seen += batch_size_of(images)
+            if seen >= max_images:
+                break
+    finally:
+        model.train(was_training)
+        for m, (momentum, mean, var, count) in zip(bns, saved):
+            m.momentum = momentum
+            if seen == 0:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+    _average_bn_across_ranks(bns, seen)
+    return seen
+
+
+def _bn_forward(model: nn.Module, bns: list[nn.Module], task: str) -> Callable[[Any, Any], Any]:
+    """The cheapest train-mode forward that reaches every BatchNorm layer.
+
+    For a detection model whose BatchNorm layers all sit in its backbone (the light Mask
+    R-CNN), that is its input transform and backbone; otherwise (Mask R-CNN v2 has them in its
+    heads too) the whole model with the targets, as in training.
+    """
+    if task == "semantic":
+        return lambda images, targets: model(images)
+    backbone, transform = getattr(model, "backbone", None), getattr(model, "transform", None)
+    if backbone is not None and transform is not None:
+        inside = {id(m) for m in backbone.modules()}
+        if all(id(m) in inside for m in bns):
+            return lambda images, targets: backbone(transform(images, targets)[0].tensors)
+    return lambda images, targets: model(images, targets)
+
+
+def _average_bn_across_ranks(bns: list[nn.modules.batchnorm._BatchNorm], seen: int) -> None:
+    """Pool every rank's statistics (weighted by its images): mean of means, E[x^2] for the variance."""
+    if not _dist():
+        return
+    total = _sum_across_ranks(float(seen))
+    if total == 0:
+        return
+    w = seen / total
+    for m in bns:
+        mean, var = m.running_mean.float(), m.running_var.float()
+        packed = torch.cat([w * mean, w * (var + mean * mean)])
+        if dist.get_backend() == "nccl":
+            packed = packed.cuda()
+        dist.all_reduce(packed)
+        packed = packed.to(m.running_mean.device)
+        g_mean, g_sq = packed.chunk(2)
+        m.running_mean.copy_(g_mean)
+        m.running_var.copy_((g_sq - g_mean * g_mean).clamp_min(0))
 
 
 def _bn_eval(model: nn.Module) -> list[nn.Module]:

@@ -7,6 +7,11 @@ optimizer, scheduler, epoch and config. A worker restarted by ``FailureConfig`` 
 re-run with the same run name) picks the latest checkpoint up through
 ``ray.train.get_checkpoint()`` and continues from the next epoch.
 
+Before validating, every epoch recomputes the BatchNorm statistics for the epoch's final
+weights over (up to ``precise_bn_images``) training images: running averages lag the weights
+badly in a short from-scratch run, and a model evaluated or saved with them predicts one
+class everywhere.
+
 Rank 0 also logs the epoch's metrics to the MLflow run the driver created (its id comes in
 the config), with MLflow's system-metrics sampler running in that worker, where the
 CPU/GPU work happens.
@@ -14,12 +19,14 @@ CPU/GPU work happens.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,13 @@ from torch.utils.data import DataLoader, Subset
 
 from train.config import TrainConfig
 from train.data import build_dataset, collate_fn
-from train.engine import evaluate_instance, evaluate_semantic, needs_grad_scaler, train_one_epoch
+from train.engine import (
+    evaluate_instance,
+    evaluate_semantic,
+    needs_grad_scaler,
+    recompute_bn_stats,
+    train_one_epoch,
+)
 from train.losses import SegmentationLoss
 from train.models import build_model
 from train.transforms import eval_transforms, train_transforms
@@ -107,7 +120,9 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, iters_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    cfg: TrainConfig, opt: torch.optim.Optimizer, iters_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-iteration schedule over the whole run (torchvision references' habit)."""
     total = max(1, cfg.epochs * iters_per_epoch)
     if cfg.scheduler == "cosine":
@@ -129,9 +144,39 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], metric: str, 
     keys = ["train_loss", "val_loss", metric] + (["val_mdice"] if metric == "val_miou" else ["val_segm_mAP50"])
     parts = [f"{k} {metrics[k]:.4f}" for k in keys if k in metrics and isinstance(metrics[k], float)]
     return (
-        f"epoch {epoch + 1}/{epochs} | " + " | ".join(parts)
+        f"epoch {epoch + 1}/{epochs} | "
+        + " | ".join(parts)
         + f" | {metrics.get('images_per_s', 0):.1f} img/s | {metrics.get('epoch_s', 0):.1f}s | ETA {format_eta(eta_s)}"
     )
+
+
+class _RayTrainConsoleFilter(logging.Filter):
+    """Keep Ray Train's own INFO records off a worker's console; warnings and errors pass.
+
+    ``RunConfig(logging_config=LoggingConfig(log_level=...))`` does this for loggers named
+    ``ray.train.*``, but Ray 2.60 logs "Reporting training result N: TrainingReport(...)" (every
+    worker, every epoch) through a logger named after its file path, which that filter misses.
+    Matching on the source file covers both. File handlers are left alone, so the records stay
+    in Ray Train's log files (``<session>/logs/train/``).
+    """
+
+    def __init__(self, package_dir: str) -> None:
+        super().__init__()
+        self.package_dir = package_dir
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.package_dir)
+
+
+def quiet_ray_train_console() -> None:
+    """Add :class:`_RayTrainConsoleFilter` to the console handlers of this worker's root logger."""
+    import ray.train
+
+    package_dir = os.path.dirname(os.path.abspath(ray.train.__file__)) + os.sep
+    for handler in logging.getLogger().handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(isinstance(f, _RayTrainConsoleFilter) for f in handler.filters):
+            handler.addFilter(_RayTrainConsoleFilter(package_dir))
 
 
 def say(line: str) -> None:
@@ -140,126 +185,225 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def save_checkpoint(state: dict[str, Any]) -> "ray.train.Checkpoint":  # noqa: F821
+def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """``ray.train.report`` the numeric metrics, with a checkpoint of ``state`` when given.
+
+    The checkpoint is written to a temporary directory that Ray copies to the run's storage
+    before ``report`` returns (synchronous upload), then removed.
+    """
     import ray.train
 
-    tmp = tempfile.mkdtemp(prefix="segloop-ckpt-")
-    torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
-    return ray.train.Checkpoint.from_directory(tmp)
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if state is None:
+        ray.train.report(numeric, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="segloop-ckpt-") as tmp:
+        torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+        ray.train.report(numeric, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def load_checkpoint_state(checkpoint: Any) -> dict[str, Any]:
-    """Read a Ray checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    """Read a Ray checkpoint written by :func:`report` (tensors and plain data only)."""
     with checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+@dataclass
+class Worker:
+    """One Ray Train worker's data, model and optimisation state."""
+
+    cfg: TrainConfig
+    rank: int
+    device: torch.device
+    amp: bool
+    num_classes: int
+    class_names: list[str]
+    info: Any  # the dataset object with ignore_index / COCO ground truth
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    raw_model: torch.nn.Module
+    train_loader: Any
+    val_loader: Any
+    criterion: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint, restored on resume."""
+
+    start_epoch: int = 0
+    best: float = -math.inf
+    stale: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed: bool = False
+
+
+def setup_worker(cfg: TrainConfig, extras: dict[str, Any]) -> Worker:
+    """Datasets, model (DDP), loaders, loss, optimizer, schedule for this worker."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.seed + rank)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # the CPUs this worker reserved
+    device = ray.train.torch.get_device()
+    train_ds, val_ds, info = build_datasets(cfg, Path(extras["dataset_path"]))
+    num_classes = extras["num_classes"]
+    model = build_model(
+        cfg.model,
+        num_classes,
+        weights=cfg.weights,
+        weights_backbone=cfg.weights_backbone,
+        checkpoint=cfg.init_checkpoint,
+        **cfg.model_kwargs,
+    )
+    if cfg.bn_momentum is not None:
+        set_bn_momentum(model, cfg.bn_momentum)
+    ddp_kwargs = {"find_unused_parameters": True} if cfg.task == "instance" else {}
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
+    train_loader = ray.train.torch.prepare_data_loader(make_loader(train_ds, cfg, shuffle=True, task=cfg.task))
+    val_loader = make_loader(shard(val_ds, rank, world), cfg, shuffle=False, task=cfg.task)
+    if cfg.task == "instance":
+        val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
+    optimizer = build_optimizer(cfg, model)
+    return Worker(
+        cfg=cfg,
+        rank=rank,
+        device=device,
+        amp=cfg.amp and device.type == "cuda",
+        num_classes=num_classes,
+        class_names=extras["class_names"],
+        info=info,
+        model=model,
+        raw_model=getattr(model, "module", model),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        criterion=SegmentationLoss(cfg.ce_weight, cfg.dice_weight) if cfg.task == "semantic" else None,
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg, optimizer, len(train_loader)),
+        scaler=torch.amp.GradScaler("cuda") if needs_grad_scaler(device, cfg.amp) else None,
+    )
+
+
+def resume(w: Worker, checkpoint: Any) -> Progress:
+    """Continue from Ray Train's latest checkpoint (a restarted worker or a re-run of the same name)."""
+    if checkpoint is None:
+        return Progress()
+    state = load_checkpoint_state(checkpoint)
+    w.raw_model.load_state_dict(state["model"])
+    w.optimizer.load_state_dict(state["optimizer"])
+    w.scheduler.load_state_dict(state["scheduler"])
+    if w.scaler is not None and state.get("scaler"):
+        w.scaler.load_state_dict(state["scaler"])
+    p = Progress(state["epoch"] + 1, state["best"], state["stale"], state["history"], resumed=True)
+    if w.rank == 0:
+        say(f"resumed from checkpoint at epoch {p.start_epoch}/{w.cfg.epochs}")
+    return p
+
+
+def run_epoch(w: Worker, epoch: int) -> dict[str, Any]:
+    """Train one epoch, recompute BatchNorm statistics, validate; the epoch's metrics."""
+    cfg = w.cfg
+    sampler = getattr(w.train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    tr = train_one_epoch(
+        w.model,
+        w.criterion,
+        w.optimizer,
+        w.train_loader,
+        w.device,
+        task=cfg.task,
+        scheduler=w.scheduler,
+        scaler=w.scaler,
+        amp=w.amp,
+    )
+    recompute_bn_stats(
+        w.raw_model, w.train_loader, w.device, task=cfg.task, max_images=cfg.precise_bn_images, amp=w.amp
+    )
+    if cfg.task == "semantic":
+        val, _ = evaluate_semantic(
+            w.raw_model,
+            w.val_loader,
+            w.device,
+            num_classes=w.num_classes,
+            class_names=w.class_names,
+            criterion=w.criterion,
+            amp=w.amp,
+            ignore_index=w.info.ignore_index,
+        )
+    else:
+        val, _ = evaluate_instance(
+            w.raw_model,
+            w.val_loader,
+            w.device,
+            coco_gt=w.info.coco,
+            label_to_cat_id=w.info.label_to_cat_id,
+            num_classes=w.num_classes,
+            amp=w.amp,
+        )
+    metrics = {"train_" + k.replace("/", "_"): v for k, v in tr.items() if k not in ("images", "seconds")}
+    metrics.update(val)
+    metrics.update(
+        epoch=epoch, lr=w.optimizer.param_groups[0]["lr"], images_per_s=tr["images"] / max(tr["seconds"], 1e-9)
+    )
+    metrics["train_s"] = tr["seconds"]
+    return metrics
+
+
+def checkpoint_state(w: Worker, epoch: int, p: Progress) -> dict[str, Any]:
+    return {
+        "model": w.raw_model.state_dict(),
+        "optimizer": w.optimizer.state_dict(),
+        "scheduler": w.scheduler.state_dict(),
+        "scaler": w.scaler.state_dict() if w.scaler is not None else {},
+        "epoch": epoch,
+        "best": p.best,
+        "stale": p.stale,
+        "history": p.history,
+        "config": w.cfg.model_dump(mode="json"),
+        "num_classes": w.num_classes,
+        "class_names": list(w.class_names),
+    }
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker; ``config`` = TrainConfig dump + driver extras."""
     import ray.train
-    import ray.train.torch
 
-    extras = {k: config.pop(k) for k in ("dataset_path", "mlflow_run_id", "mlflow_tracking_uri", "num_classes", "class_names")}
+    extras = {
+        k: config.pop(k) for k in ("dataset_path", "mlflow_run_id", "mlflow_tracking_uri", "num_classes", "class_names")
+    }
     cfg = TrainConfig.model_validate(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(cfg.seed + rank)
-    device = ray.train.torch.get_device()
-    amp = cfg.amp and device.type == "cuda"
-
-    root = Path(extras["dataset_path"])
-    train_ds, val_ds, info = build_datasets(cfg, root)
-    num_classes, class_names = extras["num_classes"], extras["class_names"]
-
-    model = build_model(
-        cfg.model, num_classes, weights=cfg.weights, weights_backbone=cfg.weights_backbone,
-        checkpoint=cfg.init_checkpoint, **cfg.model_kwargs,
-    )
-    ddp_kwargs = {"find_unused_parameters": True} if cfg.task == "instance" else {}
-    if cfg.bn_momentum is not None:
-        set_bn_momentum(model, cfg.bn_momentum)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
-    raw_model = getattr(model, "module", model)
-    train_loader = ray.train.torch.prepare_data_loader(make_loader(train_ds, cfg, shuffle=True, task=cfg.task))
-    val_loader = make_loader(shard(val_ds, rank, world), cfg, shuffle=False, task=cfg.task)
-    if cfg.task == "instance":
-        val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
-    criterion = SegmentationLoss(cfg.ce_weight, cfg.dice_weight) if cfg.task == "semantic" else None
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
-    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(device, cfg.amp) else None
-
-    start_epoch, best, stale, history = 0, -math.inf, 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, best, stale, history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
-        if rank == 0:
-            say(f"resumed from checkpoint at epoch {start_epoch}/{cfg.epochs}")
-
-    tracker = _RankZeroTracker(extras, enabled=rank == 0)
+    quiet_ray_train_console()
+    w = setup_worker(cfg, extras)
+    p = resume(w, ray.train.get_checkpoint())
+    tracker = _RankZeroTracker(extras, enabled=w.rank == 0)
     run_t0 = time.perf_counter()
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            if cfg.fail_at_epoch is not None and epoch == cfg.fail_at_epoch and checkpoint is None:
+        for epoch in range(p.start_epoch, cfg.epochs):
+            if cfg.fail_at_epoch is not None and epoch == cfg.fail_at_epoch and not p.resumed:
                 raise InjectedFailure(f"fail_at_epoch={epoch}: simulated worker failure")
-            if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)
-            tr = train_one_epoch(
-                model, criterion, optimizer, train_loader, device,
-                task=cfg.task, scheduler=scheduler, scaler=scaler, amp=amp,
-            )
-            if cfg.task == "semantic":
-                val, _ = evaluate_semantic(
-                    raw_model, val_loader, device, num_classes=num_classes, class_names=class_names,
-                    criterion=criterion, amp=amp, ignore_index=info.ignore_index,
-                )
-            else:
-                val, _ = evaluate_instance(
-                    raw_model, val_loader, device, coco_gt=info.coco, label_to_cat_id=info.label_to_cat_id,
-                    num_classes=num_classes, amp=amp,
-                )
-            metrics = {"train_" + k.replace("/", "_"): v for k, v in tr.items() if k not in ("images", "seconds")}
-            metrics.update(val)
-            metrics.update(
-                epoch=epoch,
-                lr=optimizer.param_groups[0]["lr"],
-                images_per_s=tr["images"] / max(tr["seconds"], 1e-9),
-                epoch_s=time.perf_counter() - run_t0 if epoch == start_epoch else tr["seconds"],
-            )
+            metrics = run_epoch(w, epoch)
+            train_s = metrics.pop("train_s")
+            metrics["epoch_s"] = time.perf_counter() - run_t0 if epoch == p.start_epoch else train_s
             score = metrics.get(cfg.metric, float("nan"))
-            improved = math.isfinite(score) and score > best
-            best, stale = (score, 0) if improved else (best, stale + 1)
-            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            improved = math.isfinite(score) and score > p.best
+            p.best, p.stale = (score, 0) if improved else (p.best, p.stale + 1)
+            p.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             elapsed = time.perf_counter() - run_t0
-            eta = elapsed / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1)
-            stop = cfg.patience > 0 and stale >= cfg.patience
+            eta = elapsed / (epoch + 1 - p.start_epoch) * (cfg.epochs - epoch - 1)
+            stop = cfg.patience > 0 and p.stale >= cfg.patience
             metrics["early_stopped"] = float(stop)
-            ckpt = None
-            if rank == 0:
+            if w.rank == 0:
                 say(epoch_line(epoch, cfg.epochs, metrics, cfg.metric, 0 if stop else eta))
                 tracker.log(metrics, step=epoch)
-                ckpt = save_checkpoint({
-                    "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {},
-                    "epoch": epoch,
-                    "best": best,
-                    "stale": stale,
-                    "history": history,
-                    "config": cfg.model_dump(mode="json"),
-                    "num_classes": num_classes,
-                    "class_names": list(class_names),
-                })
-            ray.train.report({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
+            report(metrics, checkpoint_state(w, epoch, p) if w.rank == 0 else None)
             if stop:
-                if rank == 0:
+                if w.rank == 0:
                     say(f"early stopping: {cfg.metric} did not improve for {cfg.patience} epochs")
                 break
     finally:
@@ -275,6 +419,8 @@ class _RankZeroTracker:
             return
         import mlflow
 
+        # the sampler's start/stop/"no GPU" INFO lines are not progress; its warnings still show
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         mlflow.set_tracking_uri(extras["mlflow_tracking_uri"])
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_id=extras["mlflow_run_id"], log_system_metrics=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.errors import ConfigError
+from segloop.errors import ConfigError
 
 __all__ = ["SegmentationLoss", "cross_entropy", "soft_dice_loss"]
 

@@ -48,7 +48,7 @@ from torchvision.models.segmentation import (
 )
 from torchvision.ops import misc as misc_nn_ops
 
-from train.errors import ModelError
+from segloop.errors import ModelError
 
 __all__ = [
     "MODELS",
@@ -182,9 +182,7 @@ def _delegate(builder: Callable[..., nn.Module], files: list[Path], model: str, 
     try:
         return builder(progress=False, **kwargs)
     except RuntimeError as err:  # load_state_dict mismatch of a cached file
-        raise ModelError(
-            f"weights file(s) {', '.join(map(str, files))} do not match model {model!r}: {err}"
-        ) from err
+        raise ModelError(f"weights file(s) {', '.join(map(str, files))} do not match model {model!r}: {err}") from err
 
 
 # --------------------------------------------------------------------------- heads
@@ -513,7 +511,7 @@ def build_model(
 
 def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
+        return {k[len(prefix) :]: v for k, v in state.items()}
     return dict(state)
 
 

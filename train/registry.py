@@ -14,37 +14,20 @@ replaced.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from train.errors import ModelError
-from train.metrics.semantic import class_indices
+from segloop.errors import ModelError
+from train.model_ref import META_FILE, WEIGHTS_FILE, ModelMeta
+from train.predict import build_from_state
 
 CHAMPION = "champion"
-WEIGHTS_FILE = "state_dict.pt"
-META_FILE = "segloop_model.json"
-
-
-@dataclass
-class ModelMeta:
-    """What serving and evaluation need to rebuild and feed a model."""
-
-    model: str
-    task: str
-    num_classes: int
-    class_names: list[str]
-    image_size: int
-    model_kwargs: dict = field(default_factory=dict)
-    metric: str = "val_miou"
-    dataset: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -61,63 +44,6 @@ class Decision:
     reason: str
 
 
-def build_from_state(meta: ModelMeta, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-    from train.models import build_model
-
-    model = build_model(meta.model, meta.num_classes, **meta.model_kwargs)
-    model.load_state_dict(state_dict)
-    return model.eval()
-
-
-class SegmentationPyfunc:
-    """MLflow pyfunc wrapper: ``predict`` takes uint8 RGB images [B,H,W,3] (or one [H,W,3]).
-
-    Semantic models return the class-index masks [B,H,W] (uint8) at the input size;
-    instance models return, per image, a list of ``{label, score, box}`` dicts.
-    """
-
-    def load_context(self, context: Any) -> None:
-        self.meta = ModelMeta(**json.loads(Path(context.artifacts["meta"]).read_text()))
-        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
-        self.model = build_from_state(self.meta, state)
-
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
-        from train.transforms import eval_transforms
-
-        images = np.asarray(model_input, dtype=np.uint8)
-        if images.ndim == 3:
-            images = images[None]
-        tf = eval_transforms(self.meta.task, self.meta.image_size)
-        outs = []
-        with torch.inference_mode():
-            for img in images:
-                x = torch.from_numpy(img).permute(2, 0, 1).contiguous()
-                dummy = torch.zeros(x.shape[1:], dtype=torch.int64) if self.meta.task == "semantic" else _empty_target()
-                xt, _ = tf(x, dummy)
-                if self.meta.task == "semantic":
-                    logits = self.model(xt[None])
-                    logits = torch.nn.functional.interpolate(logits, size=x.shape[1:], mode="bilinear", align_corners=False)
-                    outs.append(class_indices(logits)[0].to(torch.uint8).numpy())
-                else:
-                    o = self.model([xt])[0]
-                    outs.append([
-                        {"label": int(lb), "score": float(s), "box": [float(v) for v in b]}
-                        for lb, s, b in zip(o["labels"], o["scores"], o["boxes"])
-                    ])
-        return np.stack(outs) if self.meta.task == "semantic" else outs
-
-
-def _empty_target() -> dict[str, torch.Tensor]:
-    return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 1, 1, dtype=torch.uint8)}
-
-
-def _pyfunc_class():
-    """Make the pyfunc a real ``mlflow.pyfunc.PythonModel`` without importing mlflow at import time."""
-    import mlflow.pyfunc
-
-    return type("SegmentationPyfunc", (SegmentationPyfunc, mlflow.pyfunc.PythonModel), {"__module__": __name__})
-
-
 def log_model(
     state_dict: dict[str, torch.Tensor],
     meta: ModelMeta,
@@ -132,12 +58,12 @@ def log_model(
     with tempfile.TemporaryDirectory() as d:
         wpath, mpath = Path(d) / WEIGHTS_FILE, Path(d) / META_FILE
         torch.save(state_dict, wpath)
-        mpath.write_text(json.dumps(asdict(meta), indent=2))
+        meta.write(mpath)
         inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
         outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]) if meta.task == "semantic" else None
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=_pyfunc_class()(),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing pickled
             artifacts={"weights": str(wpath), "meta": str(mpath)},
             signature=ModelSignature(inputs=inputs, outputs=outputs),
             input_example=example,
@@ -200,14 +126,12 @@ def load_version(name: str, ref: str | int | None = None) -> tuple[torch.nn.Modu
     meta_file = next(local.rglob(META_FILE), None)
     if weights is None or meta_file is None:
         raise ModelError(f"model {name} version {version} is not a segloop model (no {WEIGHTS_FILE}/{META_FILE})")
-    meta = ModelMeta(**json.loads(meta_file.read_text()))
+    meta = ModelMeta.read(meta_file)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     return build_from_state(meta, state), meta, version
 
 
-def decide(
-    challenger_score: float, champion_score: float | None, margin: float
-) -> tuple[bool, str]:
+def decide(challenger_score: float, champion_score: float | None, margin: float) -> tuple[bool, str]:
     """Pure promotion rule: promote when there is no champion or challenger >= champion + margin."""
     if champion_score is None:
         return True, "no champion yet: the first model becomes champion"

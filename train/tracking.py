@@ -9,29 +9,12 @@ plus AWS credentials put artifacts on MinIO/S3, as MLflow itself reads them).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from train.errors import ConfigError
-
-
-def tracking_uri(data_dir: str | Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the local SQLite file under ``data_dir``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    d = Path(data_dir).resolve()
-    d.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{d / 'mlflow.db'}"
-
-
-def artifact_root(data_dir: str | Path) -> str | None:
-    """Artifact location for new experiments in the embedded default (None: the server decides)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
-    d = Path(data_dir).resolve() / "mlartifacts"
-    d.mkdir(parents=True, exist_ok=True)
-    return d.as_uri()
+from segloop.errors import ConfigError
+from segloop.settings import artifact_root, tracking_uri
 
 
 def setup(data_dir: str | Path, experiment: str) -> tuple[str, str]:
@@ -41,7 +24,6 @@ def setup(data_dir: str | Path, experiment: str) -> tuple[str, str]:
     raised within seconds, before any training work starts.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -50,8 +32,12 @@ def setup(data_dir: str | Path, experiment: str) -> tuple[str, str]:
     client = mlflow.MlflowClient(uri)
     try:
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(data_dir))
-    except (MlflowException, OSError, Exception) as err:  # requests' errors are not MlflowExceptions
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(experiment, artifact_location=artifact_root(data_dir))
+        )
+    except Exception as err:  # noqa: BLE001 - MlflowException, OSError and requests' errors alike
         raise ConfigError(f"MLflow tracking server {uri} is not reachable or refused the request: {err}") from None
     mlflow.set_experiment(experiment_id=exp_id)
     return uri, exp_id
@@ -78,7 +64,9 @@ def log_dataset(info: Mapping[str, str], context: str = "training") -> None:
     source = info.get("source", "")
     ds = MetaDataset(source=HTTPDatasetSource(url=source), name=info["name"], digest=info["digest"][:36])
     mlflow.log_input(ds, context=context, tags={"version": info.get("version", "")})
-    mlflow.set_tags({"dataset.name": info["name"], "dataset.version": info.get("version", ""), "dataset.digest": info["digest"]})
+    mlflow.set_tags(
+        {"dataset.name": info["name"], "dataset.version": info.get("version", ""), "dataset.digest": info["digest"]}
+    )
 
 
 def find_run(experiment_id: str, run_name: str) -> str | None:
@@ -86,7 +74,10 @@ def find_run(experiment_id: str, run_name: str) -> str | None:
     import mlflow
 
     runs = mlflow.search_runs(
-        [experiment_id], filter_string=f"tags.`segloop.run_name` = '{run_name}'",
-        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+        [experiment_id],
+        filter_string=f"tags.`segloop.run_name` = '{run_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
     )
     return runs[0].info.run_id if runs else None

@@ -9,13 +9,14 @@ uses the ignore index so padded pixels never count in the loss or metrics.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 
-from train.errors import ConfigError
+from segloop.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,7 +119,13 @@ class RandomScaleCrop:
     take a random ``size`` crop, padding image with 0 and semantic masks with 255 when
     the rescaled image is smaller. Instances left with no pixels are dropped."""
 
-    def __init__(self, size: int | Sequence[int], min_scale: float = 0.5, max_scale: float = 2.0, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        min_scale: float = 0.5,
+        max_scale: float = 2.0,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
         if not 0 < min_scale <= max_scale:
             raise ConfigError(f"RandomScaleCrop needs 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
         self.size = _hw(size)

@@ -15,18 +15,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.errors import SegloopError
+from segloop.errors import SegloopError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tune", description="Search hyperparameters with Ray Tune (ASHA).")
+    p = argparse.ArgumentParser(prog="segloop tune", description="Search hyperparameters with Ray Tune (ASHA).")
     p.add_argument("--config", help="YAML file with SearchConfig keys (see configs/tune_pets.yaml)")
     p.add_argument("--num-samples", type=int, help="trials to sample (overrides num_samples)")
     p.add_argument("--max-concurrent-trials", type=int, help="overrides max_concurrent_trials")
     p.add_argument("--name", help="experiment name; an existing one is resumed")
     p.add_argument("--resume", action="store_true", help="continue the search `name` (error if there is none)")
-    p.add_argument("--register-best", action="store_true",
-                   help="register the best trial's model and run champion/challenger promotion")
+    p.add_argument(
+        "--register-best",
+        action="store_true",
+        help="register the best trial's model and run champion/challenger promotion",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grace_period=2 base.epochs=6")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
@@ -54,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.interrupted:
         return 130
     if result.model_version:
-        print(f"model version {result.model_version}: {'promoted' if result.promoted else 'not promoted'} — {result.reason}")
+        print(
+            f"model version {result.model_version}: {'promoted' if result.promoted else 'not promoted'} — {result.reason}"
+        )
     return 0
 
 

@@ -11,7 +11,7 @@
 
 Every problem (an empty or malformed space, a name that is not a tunable TrainConfig
 field, a range the training config would reject, ``num_samples < 1``) is one
-:class:`~train.errors.ConfigError` raised here, before Ray or MLflow is touched.
+:class:`~segloop.errors.ConfigError` raised here, before Ray or MLflow is touched.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from __future__ import annotations
 import json
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from train.config import TrainConfig, apply_overrides, read_yaml_mapping, validate
-from train.errors import ConfigError
+from segloop.config import apply_overrides, read_yaml_mapping, validate
+from segloop.errors import ConfigError
+from train.config import TrainConfig
 
 SPACE_TYPES = ("loguniform", "uniform", "choice", "randint", "quniform")
 
@@ -34,8 +36,18 @@ SPACE_TYPES = ("loguniform", "uniform", "choice", "randint", "quniform")
 # fixed by the base config: trials must be comparable and fit the same resources, and
 # ``epochs`` is ASHA's ``max_t``.
 TUNABLE = (
-    "model", "image_size", "bn_momentum", "batch_size", "lr", "weight_decay", "optimizer",
-    "momentum", "scheduler", "ce_weight", "dice_weight", "seed",
+    "model",
+    "image_size",
+    "bn_momentum",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "momentum",
+    "scheduler",
+    "ce_weight",
+    "dice_weight",
+    "seed",
 )
 
 
@@ -56,7 +68,7 @@ class ParamSpec(BaseModel):
     q: Optional[float] = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "ParamSpec":
+    def _check(self) -> ParamSpec:
         if self.type == "choice":
             if not self.values:
                 raise ValueError("type choice needs a non-empty list `values`")
@@ -162,16 +174,18 @@ def _check_space(space: dict[str, ParamSpec], base: dict[str, Any]) -> None:
         if kind == "int" and spec.type in ("loguniform", "uniform"):
             problems.append(f"  space.{name}: integer field, use randint, quniform or choice (not {spec.type})")
             continue
-        if kind == "int" and spec.type == "quniform" and not all(
-            float(v).is_integer() for v in (spec.low, spec.high, spec.q)
+        if (
+            kind == "int"
+            and spec.type == "quniform"
+            and not all(float(v).is_integer() for v in (spec.low, spec.high, spec.q))
         ):
             problems.append(f"  space.{name}: integer field, quniform needs integer low/high/q")
             continue
         for value in spec.edge_values(kind):
             try:
                 TrainConfig.model_validate({**base, name: value})
-            except Exception as err:  # pydantic's ValidationError: report the first message
-                msg = getattr(err, "errors", lambda: [{"msg": str(err)}])()[0]["msg"]
+            except ValidationError as err:  # report the first message
+                msg = err.errors()[0]["msg"]
                 problems.append(f"  space.{name}: value {value!r} is not a valid {name}: {msg}")
                 break
     if problems:
@@ -190,7 +204,9 @@ def _check_models(space: dict[str, ParamSpec], task: str) -> None:
     names = list_models(task)
     bad = [v for v in space["model"].values or [] if v not in names]
     if bad:
-        raise ConfigError(f"invalid search space:\n  space.model: {bad} are not {task} models (choose from {', '.join(names)})")
+        raise ConfigError(
+            f"invalid search space:\n  space.model: {bad} are not {task} models (choose from {', '.join(names)})"
+        )
 
 
 def resolve(search: SearchConfig) -> ResolvedSearch:
@@ -238,8 +254,10 @@ def load_search_config(path: str | Path | None = None, overrides: Sequence[str] 
     if "base" not in data:
         raise ConfigError(f"invalid {path or 'config'}:\n  base: missing (a TrainConfig mapping or a train YAML path)")
     if not isinstance(data.get("space", {}), dict):
-        raise ConfigError(f"invalid {path or 'config'}:\n  space: must be a mapping of hyperparameter -> distribution "
-                          f"(got {type(data['space']).__name__})")
+        raise ConfigError(
+            f"invalid {path or 'config'}:\n  space: must be a mapping of hyperparameter -> distribution "
+            f"(got {type(data['space']).__name__})"
+        )
     search = validate(SearchConfig, data, source=str(path) if path else "config")
     return resolve(search)
 

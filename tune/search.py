@@ -1,8 +1,8 @@
 """The search driver: Ray Tune over Ray Train with ASHA, MLflow parent/child runs, a summary.
 
 Ray 2.60 (Train V2) pattern: every Tune trial runs :func:`trial_driver`, a small function
-that builds a ``TorchTrainer`` around the same ``train.loop.train_loop_per_worker`` that
-``python -m train`` uses and forwards each epoch's report to Tune with a
+that builds a ``TorchTrainer`` with ``train.run.make_trainer`` — the same trainer, around the
+same ``train.loop.train_loop_per_worker``, that ``python -m train`` uses — and forwards each epoch's report to Tune with a
 ``TuneReportCallback``. The trial itself reserves no CPU (it only waits on its Train run,
 on the head node); the Train workers hold the real resources and ``max_concurrent_trials``
 keeps the number of Train runs to what the cluster fits. ``ASHAScheduler`` reads ``epochs_done`` and the
@@ -12,6 +12,9 @@ MLflow: one parent run per search (tag ``segloop.search``), one child run per tr
 (tag ``mlflow.parentRunId``), created in the trial and handed to the training loop like
 ``train.job`` does, so rank 0 logs per-epoch metrics into it. The parent gets the best
 config (params ``best.<k>``), the best score and the summary table (Markdown + CSV).
+
+Preflight is ``train.run.prepare`` on the base config (dataset, classes, MLflow, resources),
+done once in the driver; its :class:`~train.run.RunContext` travels to every trial.
 
 Resume: the Tune experiment lives in ``<data_dir>/tune_results/<name>``; running the same
 ``name`` again restores it (``Tuner.restore``), and a restarted trial's Train run continues
@@ -30,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from segloop.errors import ConfigError
 from train.config import TrainConfig
-from train.errors import ConfigError
+from train.run import RunContext
 from tune.config import ResolvedSearch, in_space, space_summary, to_tune_space
 
 SEARCH_TAG = "segloop.search"
@@ -42,6 +46,19 @@ FINGERPRINT_FILE = "segloop_search.json"
 
 
 # ----------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class SearchContext:
+    """What every trial (and the driver's callbacks) needs: travels to the trials with the trainable."""
+
+    name: str
+    base: dict[str, Any]  # the base TrainConfig as JSON
+    run: RunContext  # preflight of the base config: dataset, classes, MLflow, use_gpu
+    parent_run_id: str
+    metric: str
+    mode: str
+    train_storage: str  # Ray Train results of the trials' Train runs
+
+
 @dataclass
 class TrialRow:
     """One line of the summary table."""
@@ -111,8 +128,13 @@ def fingerprint(rs: ResolvedSearch) -> dict[str, Any]:
     return {
         "base": {k: v for k, v in rs.base.model_dump(mode="json").items() if k not in _AFTER_SEARCH},
         "space": {k: v.model_dump(exclude_none=True) for k, v in s.space.items()},
-        "num_samples": s.num_samples, "metric": rs.metric, "mode": s.mode, "max_t": rs.max_t,
-        "grace_period": s.grace_period, "reduction_factor": s.reduction_factor, "seed": s.seed,
+        "num_samples": s.num_samples,
+        "metric": rs.metric,
+        "mode": s.mode,
+        "max_t": rs.max_t,
+        "grace_period": s.grace_period,
+        "reduction_factor": s.reduction_factor,
+        "seed": s.seed,
     }
 
 
@@ -180,74 +202,67 @@ def _report_callback():
     return _ReportToTune()
 
 
-def _child_run(client: Any, ctx: dict[str, Any], trial_id: str, params: dict[str, Any]) -> str:
-    """The trial's MLflow child run: found again on resume, else created under the parent."""
+def _find_child(client: Any, ctx: SearchContext, trial_id: str) -> Any:
     found = client.search_runs(
-        [ctx["experiment_id"]],
-        filter_string=f"tags.`{PARENT_TAG}` = '{ctx['parent_run_id']}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+        [ctx.run.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{ctx.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
         max_results=1,
     )
+    return found[0] if found else None
+
+
+def _child_run(client: Any, ctx: SearchContext, trial_id: str, params: dict[str, Any]) -> str:
+    """The trial's MLflow child run: found again on resume, else created under the parent."""
+    found = _find_child(client, ctx, trial_id)
     if found:
-        run_id = found[0].info.run_id
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(
-        ctx["experiment_id"], run_name=f"{ctx['name']}-{trial_id}",
-        tags={PARENT_TAG: ctx["parent_run_id"], TRIAL_TAG: trial_id, SEARCH_TAG: ctx["name"],
-              "segloop.sampled": json.dumps(params, sort_keys=True)},
+        ctx.run.experiment_id,
+        run_name=f"{ctx.name}-{trial_id}",
+        tags={
+            PARENT_TAG: ctx.parent_run_id,
+            TRIAL_TAG: trial_id,
+            SEARCH_TAG: ctx.name,
+            "segloop.sampled": json.dumps(params, sort_keys=True),
+        },
     )
     return run.info.run_id
 
 
-def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+def trial_driver(config: dict[str, Any], ctx: SearchContext) -> None:
     """One Tune trial: a Ray Train run of the normal training loop with the sampled params."""
     import mlflow
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from train import tracking
-    from train.loop import train_loop_per_worker
+    from train.run import fit, make_trainer
 
-    tctx = ray.tune.get_context()
-    trial_id = tctx.get_trial_id()
-    cfg = TrainConfig.model_validate({**ctx["base"], **config})
-    client = mlflow.MlflowClient(ctx["tracking_uri"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = TrainConfig.model_validate({**ctx.base, **config})
+    client = mlflow.MlflowClient(ctx.run.tracking_uri)
     run_id = _child_run(client, ctx, trial_id, config)
     if not client.get_run(run_id).data.params:
-        params = tracking.flatten_params(cfg.model_dump(mode="json"))
-        params.update(num_classes=str(ctx["num_classes"]), use_gpu_resolved=str(ctx["use_gpu"]))
-        _log_params(client, run_id, params)
-    loop_config = cfg.model_dump(mode="json") | {
-        "dataset_path": ctx["dataset_path"], "mlflow_run_id": run_id, "mlflow_tracking_uri": ctx["tracking_uri"],
-        "num_classes": ctx["num_classes"], "class_names": ctx["class_names"],
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=ctx["use_gpu"],
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(
-            # Same (storage_path, name) on a trial restart -> Train resumes from its checkpoint.
-            name=f"{ctx['name']}-{trial_id}",
-            storage_path=ctx["train_storage"],
-            # keep the checkpoints that are best by the *search* metric: --register-best takes one
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
-                                               checkpoint_score_attribute=ctx["metric"],
-                                               checkpoint_score_order=ctx["mode"]),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[_report_callback()],
-        ),
+        _log_params(client, run_id, ctx.run.run_params(cfg))
+    trainer = make_trainer(
+        cfg,
+        ctx.run,
+        run_id=run_id,
+        # Same (storage_path, name) on a trial restart -> Train resumes from its checkpoint.
+        name=f"{ctx.name}-{trial_id}",
+        storage_path=ctx.train_storage,
+        # keep the checkpoints that are best by the *search* metric: --register-best takes one
+        metric=ctx.metric,
+        mode=ctx.mode,
+        callbacks=[_report_callback()],
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    fit(trainer)
     # Errors and scheduler stops are recorded by the driver (_CloseChildRuns): a stopped
     # trial is killed mid-fit and cannot end its own run.
     client.set_terminated(run_id, "FINISHED")
 
 
-def _closer_callback(ctx: dict[str, Any], max_t: int):
+def _closer_callback(ctx: SearchContext, max_t: int):
     """Driver-side Tune callback: end the child runs of trials the scheduler stopped.
 
     A trial stopped by ASHA (or at max_t) is killed with its Train run, so it cannot end
@@ -278,26 +293,29 @@ def trial_status(last: dict[str, Any], max_t: int, errored: bool) -> str:
     return "asha" if last.get("done") else "interrupted"
 
 
-def _close_child(ctx: dict[str, Any], trial_id: str, last: dict[str, Any], max_t: int, errored: bool) -> None:
+def _close_child(ctx: SearchContext, trial_id: str, last: dict[str, Any], max_t: int, errored: bool) -> None:
     import mlflow
 
-    client = mlflow.MlflowClient(ctx["tracking_uri"])
-    runs = client.search_runs(
-        [ctx["experiment_id"]],
-        filter_string=f"tags.`{PARENT_TAG}` = '{ctx['parent_run_id']}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
-        max_results=1,
-    )
-    if not runs:
+    client = mlflow.MlflowClient(ctx.run.tracking_uri)
+    run = _find_child(client, ctx, trial_id)
+    if run is None:
         return
-    run = runs[0]
     status = trial_status(last, max_t, errored)
-    tags = {"segloop.trial_status": status, "segloop.epochs_run": str(int(last.get(EPOCHS_DONE, 0))),
-            "segloop.stopped_early": str(status in ("asha", "patience")).lower()}
+    tags = {
+        "segloop.trial_status": status,
+        "segloop.epochs_run": str(int(last.get(EPOCHS_DONE, 0))),
+        "segloop.stopped_early": str(status in ("asha", "patience")).lower(),
+    }
     for k, v in tags.items():
         if run.data.tags.get(k) != v:
             client.set_tag(run.info.run_id, k, v)
-    final = {"asha": "KILLED", "interrupted": "KILLED", "error": "FAILED", "completed": "FINISHED",
-             "patience": "FINISHED"}.get(status)
+    final = {
+        "asha": "KILLED",
+        "interrupted": "KILLED",
+        "error": "FAILED",
+        "completed": "FINISHED",
+        "patience": "FINISHED",
+    }.get(status)
     if final and run.info.status != final:  # the driver has the last word: a killed trial's run may say RUNNING
         client.set_terminated(run.info.run_id, final)
 
@@ -315,17 +333,19 @@ def collect_rows(grid: Any, rs: ResolvedSearch, runs_by_trial: dict[str, str]) -
         if df is not None and rs.metric in df.columns and len(df):
             best, best_ckpt, last_ckpt = _best_of_history(df, rs.metric, sign)
         final = last.get(rs.metric)
-        rows.append(TrialRow(
-            trial_id=trial_id,
-            params={k: res.config.get(k) for k in rs.search.space},
-            final=float(final) if isinstance(final, (int, float)) else None,
-            best=best,
-            epochs=int(last.get(EPOCHS_DONE, 0)),
-            status=trial_status(last, rs.max_t, errored=res.error is not None),
-            run_id=runs_by_trial.get(trial_id),
-            best_checkpoint=best_ckpt,
-            last_checkpoint=last_ckpt,
-        ))
+        rows.append(
+            TrialRow(
+                trial_id=trial_id,
+                params={k: res.config.get(k) for k in rs.search.space},
+                final=float(final) if isinstance(final, (int, float)) else None,
+                best=best,
+                epochs=int(last.get(EPOCHS_DONE, 0)),
+                status=trial_status(last, rs.max_t, errored=res.error is not None),
+                run_id=runs_by_trial.get(trial_id),
+                best_checkpoint=best_ckpt,
+                last_checkpoint=last_ckpt,
+            )
+        )
     return sorted(rows, key=lambda r: r.trial_id)
 
 
@@ -370,20 +390,34 @@ def table_rows(res: SearchResult) -> tuple[list[str], list[list[str]]]:
     header = ["trial", *names, f"final {res.metric}", f"best {res.metric}", "epochs", "stopped early"]
     body = []
     for r in res.rows:
-        stopped = {"asha": "yes (ASHA)", "patience": "yes (patience)"}.get(r.status, "no" if r.status == "completed" else r.status)
+        stopped = {"asha": "yes (ASHA)", "patience": "yes (patience)"}.get(
+            r.status, "no" if r.status == "completed" else r.status
+        )
         mark = " *" if res.best is not None and r.trial_id == res.best.trial_id else ""
-        body.append([r.trial_id + mark, *[_fmt(r.params.get(n)) for n in names], _fmt(r.final), _fmt(r.best),
-                     f"{r.epochs}/{res.max_t}", stopped])
+        body.append(
+            [
+                r.trial_id + mark,
+                *[_fmt(r.params.get(n)) for n in names],
+                _fmt(r.final),
+                _fmt(r.best),
+                f"{r.epochs}/{res.max_t}",
+                stopped,
+            ]
+        )
     return header, body
 
 
 def footer(res: SearchResult) -> str:
     if res.interrupted:
         done = sum(r.status not in ("interrupted", "pending") for r in res.rows)
-        return (f"search interrupted: {done} of {res.num_samples} trials done, {res.trial_epochs} trial-epochs run so far "
-                f"(of {res.budget} without early stopping)")
-    return (f"trial-epochs run: {res.trial_epochs} of {res.budget} ({res.num_samples} trials x {res.max_t} epochs); "
-            f"early stopping saved {res.budget - res.trial_epochs} trial-epochs ({res.saved_pct:.0f}%)")
+        return (
+            f"search interrupted: {done} of {res.num_samples} trials done, {res.trial_epochs} trial-epochs run so far "
+            f"(of {res.budget} without early stopping)"
+        )
+    return (
+        f"trial-epochs run: {res.trial_epochs} of {res.budget} ({res.num_samples} trials x {res.max_t} epochs); "
+        f"early stopping saved {res.budget - res.trial_epochs} trial-epochs ({res.saved_pct:.0f}%)"
+    )
 
 
 def format_table(res: SearchResult) -> str:
@@ -395,15 +429,18 @@ def format_table(res: SearchResult) -> str:
     out.append("")
     out.append(footer(res))
     if res.best is not None:
-        out.append(f"best: trial {res.best.trial_id}, {res.metric}={res.best.best:.4f}, "
-                   + ", ".join(f"{k}={_fmt(v)}" for k, v in res.best.params.items()))
+        out.append(
+            f"best: trial {res.best.trial_id}, {res.metric}={res.best.best:.4f}, "
+            + ", ".join(f"{k}={_fmt(v)}" for k, v in res.best.params.items())
+        )
     return "\n".join(out)
 
 
 def markdown_table(res: SearchResult) -> str:
     header, body = table_rows(res)
-    lines = [f"# segloop search {res.name}", "", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)] + ["| " + " | ".join(b) + " |" for b in body]
+    lines = [f"# segloop search {res.name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(b) + " |" for b in body
+    ]
     return "\n".join(lines + ["", footer(res), ""])
 
 
@@ -420,8 +457,9 @@ def csv_table(res: SearchResult) -> str:
 # ----------------------------------------------------------------------------- the search
 def _parent_run(client: Any, exp_id: str, name: str, restoring: bool) -> str:
     if restoring:
-        found = client.search_runs([exp_id], filter_string=f"tags.`{SEARCH_TAG}` = '{name}' and "
-                                   f"attributes.run_name = '{name}'", max_results=1)
+        found = client.search_runs(
+            [exp_id], filter_string=f"tags.`{SEARCH_TAG}` = '{name}' and attributes.run_name = '{name}'", max_results=1
+        )
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
@@ -440,121 +478,175 @@ def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
     have = client.get_run(run_id).data.params
     items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
     for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def run_search(rs: ResolvedSearch) -> SearchResult:
     """Preflight, run (or resume) the search, log and print the summary; see the module docstring."""
     import mlflow
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
-    from train import tracking
-    from train.job import check_resources, connect_ray, dataset_classes, resolve_dataset, want_gpu
-    from train.models import model_task
+    from train.run import check_model_task, prepare, ray_results_dir
 
     base, s = rs.base, rs.search
-    if model_task(base.model) != base.task:
-        raise ConfigError(f"model {base.model!r} is a {model_task(base.model)} model but task is {base.task!r}")
+    check_model_task(base)
     name = search_name(rs)
     exp_path = experiment_path(base.data_dir, name)
     decision = resume_decision(exp_path, s.resume, fingerprint(rs))
-    root, ds_info = resolve_dataset(base)
-    num_classes, class_names = dataset_classes(base, root)
-    uri, exp_id = tracking.setup(base.data_dir, base.experiment)
-    connect_ray()
-    use_gpu = want_gpu(base)
-    check_resources(base, use_gpu)
-    concurrent = max_concurrency(rs, ray.cluster_resources(), use_gpu)
-    if s.max_concurrent_trials and concurrent < min(s.max_concurrent_trials, s.num_samples):
-        print(f"max_concurrent_trials={s.max_concurrent_trials} lowered to {concurrent}: each trial needs "
-              f"{base.num_workers} x {base.cpus_per_worker:g} CPUs{' + GPUs' if use_gpu else ''}", flush=True)
-
-    client = mlflow.MlflowClient(uri)
-    parent_id = _parent_run(client, exp_id, name, decision == "restore")
-    print(f"search {name}: {s.num_samples} trials, up to {concurrent} at a time, ASHA on {rs.metric} ({s.mode}); "
-          f"experiment {exp_path} (run again with name={name} to resume); MLflow run {parent_id}", flush=True)
+    run_ctx = prepare(base)
+    concurrent = _concurrency(rs, run_ctx.use_gpu)
+    client = mlflow.MlflowClient(run_ctx.tracking_uri)
+    parent_id = _parent_run(client, run_ctx.experiment_id, name, decision == "restore")
+    print(
+        f"search {name}: {s.num_samples} trials, up to {concurrent} at a time, ASHA on {rs.metric} ({s.mode}); "
+        f"experiment {exp_path} (run again with name={name} to resume); MLflow run {parent_id}",
+        flush=True,
+    )
     try:
-        _log_params(client, parent_id, {
-            **{f"space.{k}": v for k, v in space_summary(s.space).items()},
-            "num_samples": s.num_samples, "max_concurrent_trials": concurrent, "metric": rs.metric,
-            "mode": s.mode, "scheduler": "asha", "grace_period": s.grace_period,
-            "reduction_factor": s.reduction_factor, "max_t": rs.max_t, "seed": s.seed,
-            **{f"base.{k}": v for k, v in tracking.flatten_params(base.model_dump(mode="json")).items()},
-        })
-        ctx = {
-            "name": name, "base": base.model_dump(mode="json"), "dataset_path": str(root),
-            "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id,
-            "num_classes": num_classes, "class_names": class_names, "use_gpu": use_gpu,
-            "metric": rs.metric, "mode": s.mode,
-            "train_storage": str(Path(base.data_dir).resolve() / "ray_results"),
-        }
-        # The trial only drives its Train run: its workers hold the CPUs/GPUs.
-        trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx),
-                                        trial_resources(ray.cluster_resources()))
-        if decision == "restore":
-            print(f"resuming search {name} from {exp_path}", flush=True)
-            tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            exp_path.mkdir(parents=True, exist_ok=True)
-            (exp_path / FINGERPRINT_FILE).write_text(json.dumps(fingerprint(rs), indent=2, sort_keys=True))
-            tuner = tune.Tuner(
-                trainable,
-                param_space=to_tune_space(s.space),
-                tune_config=tune.TuneConfig(
-                    metric=rs.metric, mode=s.mode, num_samples=s.num_samples,
-                    # max_concurrent_trials goes to the generator itself (Tune ignores it next to a search_alg)
-                    search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent),
-                    scheduler=ASHAScheduler(time_attr=EPOCHS_DONE, max_t=rs.max_t, grace_period=s.grace_period,
-                                            reduction_factor=s.reduction_factor),
-                    reuse_actors=False,  # a stopped trial's actor (and Train run) must go away
-                ),
-                run_config=tune.RunConfig(
-                    name=name, storage_path=str(exp_path.parent),
-                    failure_config=tune.FailureConfig(max_failures=s.trial_max_failures),
-                    callbacks=[_closer_callback(ctx, rs.max_t)],
-                ),
-            )
-        grid = tuner.fit()
-
-        runs_by_trial = _children(client, exp_id, parent_id)
-        rows = collect_rows(grid, rs, runs_by_trial)
-        for r in rows:  # what the callback missed: races with the rank-0 worker, interrupted trials
-            if r.run_id and r.status != "pending":
-                last = {EPOCHS_DONE: r.epochs, "done": r.status != "interrupted", "early_stopped": r.status == "patience"}
-                _close_child(ctx, r.trial_id, last, rs.max_t, errored=r.status == "error")
-        interrupted = len(rows) < s.num_samples or any(r.status in ("interrupted", "pending") for r in rows)
-        best = pick_best(rows, s.mode)
-        res = SearchResult(name=name, experiment_path=str(exp_path), parent_run_id=parent_id, metric=rs.metric,
-                           mode=s.mode, max_t=rs.max_t, num_samples=s.num_samples, rows=rows, best=best,
-                           interrupted=interrupted)
-        res.table = format_table(res)
-        _log_summary(client, res)
-        if best is not None and not in_space(s.space, best.params):
-            raise RuntimeError(f"best trial {best.trial_id} has params {best.params} outside the search space")
-        if s.register_best and not interrupted:
-            if best is None:
+        _log_params(client, parent_id, _search_params(rs, concurrent))
+        ctx = SearchContext(
+            name=name,
+            base=base.model_dump(mode="json"),
+            run=run_ctx,
+            parent_run_id=parent_id,
+            metric=rs.metric,
+            mode=s.mode,
+            train_storage=str(ray_results_dir(base.data_dir)),
+        )
+        grid = _tuner(rs, ctx, exp_path, decision, concurrent).fit()
+        res = _summarise(grid, rs, ctx, client, exp_path)
+        if s.register_best and not res.interrupted:
+            if res.best is None:
                 raise ConfigError("--register-best: no trial produced a score, nothing to register")
-            _register(res, rs, ctx, root, ds_info, client)
+            _register(res, rs, ctx, client)
         print("\n" + res.table, flush=True)
-        if interrupted:
-            print(f"\nsearch {name} did not finish; run it again with name={name} (or --resume) to continue", flush=True)
-        client.set_terminated(parent_id, "KILLED" if interrupted else "FINISHED")
+        if res.interrupted:
+            print(
+                f"\nsearch {name} did not finish; run it again with name={name} (or --resume) to continue", flush=True
+            )
+        client.set_terminated(parent_id, "KILLED" if res.interrupted else "FINISHED")
         return res
     except BaseException as err:
         client.set_terminated(parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
 
 
+def _concurrency(rs: ResolvedSearch, use_gpu: bool) -> int:
+    """Trials at once, telling the user when their ``max_concurrent_trials`` does not fit."""
+    import ray
+
+    base, s = rs.base, rs.search
+    concurrent = max_concurrency(rs, ray.cluster_resources(), use_gpu)
+    if s.max_concurrent_trials and concurrent < min(s.max_concurrent_trials, s.num_samples):
+        print(
+            f"max_concurrent_trials={s.max_concurrent_trials} lowered to {concurrent}: each trial needs "
+            f"{base.num_workers} x {base.cpus_per_worker:g} CPUs{' + GPUs' if use_gpu else ''}",
+            flush=True,
+        )
+    return concurrent
+
+
+def _search_params(rs: ResolvedSearch, concurrent: int) -> dict[str, Any]:
+    """The parent run's params: the space, the search settings and the base config."""
+    from train import tracking
+
+    s = rs.search
+    return {
+        **{f"space.{k}": v for k, v in space_summary(s.space).items()},
+        "num_samples": s.num_samples,
+        "max_concurrent_trials": concurrent,
+        "metric": rs.metric,
+        "mode": s.mode,
+        "scheduler": "asha",
+        "grace_period": s.grace_period,
+        "reduction_factor": s.reduction_factor,
+        "max_t": rs.max_t,
+        "seed": s.seed,
+        **{f"base.{k}": v for k, v in tracking.flatten_params(rs.base.model_dump(mode="json")).items()},
+    }
+
+
+def _tuner(rs: ResolvedSearch, ctx: SearchContext, exp_path: Path, decision: str, concurrent: int) -> Any:
+    """A fresh ``Tuner`` (ASHA over the space), or the interrupted one restored from ``exp_path``."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    s = rs.search
+    # The trial only drives its Train run: its workers hold the CPUs/GPUs.
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, ctx=ctx), trial_resources(ray.cluster_resources())
+    )
+    if decision == "restore":
+        print(f"resuming search {ctx.name} from {exp_path}", flush=True)
+        return tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    exp_path.mkdir(parents=True, exist_ok=True)
+    (exp_path / FINGERPRINT_FILE).write_text(json.dumps(fingerprint(rs), indent=2, sort_keys=True))
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune_space(s.space),
+        tune_config=tune.TuneConfig(
+            metric=rs.metric,
+            mode=s.mode,
+            num_samples=s.num_samples,
+            # max_concurrent_trials goes to the generator itself (Tune ignores it next to a search_alg)
+            search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent),
+            scheduler=ASHAScheduler(
+                time_attr=EPOCHS_DONE,
+                max_t=rs.max_t,
+                grace_period=s.grace_period,
+                reduction_factor=s.reduction_factor,
+            ),
+            reuse_actors=False,  # a stopped trial's actor (and Train run) must go away
+        ),
+        run_config=tune.RunConfig(
+            name=ctx.name,
+            storage_path=str(exp_path.parent),
+            failure_config=tune.FailureConfig(max_failures=s.trial_max_failures),
+            callbacks=[_closer_callback(ctx, rs.max_t)],
+        ),
+    )
+
+
+def _summarise(grid: Any, rs: ResolvedSearch, ctx: SearchContext, client: Any, exp_path: Path) -> SearchResult:
+    """Rows from the grid, child runs closed, the summary logged to the parent run."""
+    s = rs.search
+    runs_by_trial = _children(client, ctx.run.experiment_id, ctx.parent_run_id)
+    rows = collect_rows(grid, rs, runs_by_trial)
+    for r in rows:  # what the callback missed: races with the rank-0 worker, interrupted trials
+        if r.run_id and r.status != "pending":
+            last = {EPOCHS_DONE: r.epochs, "done": r.status != "interrupted", "early_stopped": r.status == "patience"}
+            _close_child(ctx, r.trial_id, last, rs.max_t, errored=r.status == "error")
+    interrupted = len(rows) < s.num_samples or any(r.status in ("interrupted", "pending") for r in rows)
+    best = pick_best(rows, s.mode)
+    res = SearchResult(
+        name=ctx.name,
+        experiment_path=str(exp_path),
+        parent_run_id=ctx.parent_run_id,
+        metric=rs.metric,
+        mode=s.mode,
+        max_t=rs.max_t,
+        num_samples=s.num_samples,
+        rows=rows,
+        best=best,
+        interrupted=interrupted,
+    )
+    res.table = format_table(res)
+    _log_summary(client, res)
+    if best is not None and not in_space(s.space, best.params):
+        raise RuntimeError(f"best trial {best.trial_id} has params {best.params} outside the search space")
+    return res
+
+
 def _log_summary(client: Any, res: SearchResult) -> None:
     run_id = res.parent_run_id
-    metrics = {"trial_epochs_run": float(res.trial_epochs), "trial_epochs_budget": float(res.budget),
-               "compute_saved_pct": res.saved_pct,
-               "trials_stopped_early": float(sum(r.stopped_early for r in res.rows)),
-               "trials_completed": float(sum(r.status == "completed" for r in res.rows))}
+    metrics = {
+        "trial_epochs_run": float(res.trial_epochs),
+        "trial_epochs_budget": float(res.budget),
+        "compute_saved_pct": res.saved_pct,
+        "trials_stopped_early": float(sum(r.stopped_early for r in res.rows)),
+        "trials_completed": float(sum(r.status == "completed" for r in res.rows)),
+    }
     if res.best is not None and res.best.best is not None:
         metrics[f"best_{res.metric}"] = res.best.best
         _log_params(client, run_id, {f"best.{k}": v for k, v in res.best.params.items()})
@@ -571,8 +663,7 @@ def _log_summary(client: Any, res: SearchResult) -> None:
         client.log_artifact(run_id, str(Path(d) / "summary.csv"))
 
 
-def _register(res: SearchResult, rs: ResolvedSearch, ctx: dict[str, Any], root: Path, ds_info: dict[str, str],
-              client: Any) -> None:
+def _register(res: SearchResult, rs: ResolvedSearch, ctx: SearchContext, client: Any) -> None:
     """The best trial's best checkpoint goes through train.job's held-out eval and promotion."""
     import mlflow
     from ray.train import Checkpoint
@@ -583,8 +674,10 @@ def _register(res: SearchResult, rs: ResolvedSearch, ctx: dict[str, Any], root: 
     best = res.best
     assert best is not None
     if not _exists(best.best_checkpoint):
-        raise ConfigError(f"--register-best: the best checkpoint of trial {best.trial_id} "
-                          f"({best.best_checkpoint}) is gone; raise checkpoints_to_keep")
+        raise ConfigError(
+            f"--register-best: the best checkpoint of trial {best.trial_id} "
+            f"({best.best_checkpoint}) is gone; raise checkpoints_to_keep"
+        )
     state = load_checkpoint_state(Checkpoint(best.best_checkpoint))
     history = state["history"]
     if best.last_checkpoint and best.last_checkpoint != best.best_checkpoint and _exists(best.last_checkpoint):
@@ -593,10 +686,9 @@ def _register(res: SearchResult, rs: ResolvedSearch, ctx: dict[str, Any], root: 
     if not best.run_id:
         raise ConfigError(f"--register-best: trial {best.trial_id} has no MLflow run")
     prev_status = client.get_run(best.run_id).info.status
-    mlflow.set_tracking_uri(ctx["tracking_uri"])
+    mlflow.set_tracking_uri(ctx.run.tracking_uri)
     with mlflow.start_run(run_id=best.run_id):
-        promo = evaluate_and_promote(cfg, root, ds_info, state, history, ctx["num_classes"], ctx["class_names"],
-                                     ctx["use_gpu"])
+        promo = evaluate_and_promote(cfg, ctx.run, state, history)
     client.set_terminated(best.run_id, prev_status if prev_status != "RUNNING" else "FINISHED")
     res.model_version, res.promoted, res.reason = promo.version, promo.promoted, promo.reason
     client.set_tag(res.parent_run_id, "segloop.model_version", promo.version)

@@ -8,10 +8,11 @@ imported lazily so ``python -m train.data synth`` starts without importing torch
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
-from train.errors import ConfigError, DatasetError
+from segloop.errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -34,6 +35,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "IGNORE_INDEX",

@@ -1,18 +1,18 @@
-"""``python -m train.data synth ...`` writes a synthetic dataset; ``check`` reads one fully.
+"""``segloop data synth ...`` (or ``python -m train.data``) writes a synthetic dataset; ``check`` reads one fully.
 
-    python -m train.data synth --task pets --out data/pets --n 200 --seed 0 [--size 128] [--shift]
-    python -m train.data synth --task coco --out data/shapes --format yolo
-    python -m train.data check --task semantic --root data/pets --split trainval
+segloop data synth --task pets --out data/pets --n 200 --seed 0 [--size 128] [--shift]
+segloop data synth --task coco --out data/shapes --format yolo
+segloop data check --task semantic --root data/pets --split trainval
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from train.errors import SegloopError
+from segloop.errors import SegloopError
 
 
 def _int_at_least(lo: int, what: str):
@@ -39,17 +39,35 @@ def _fraction(s: str) -> float:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="segloop data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="write a synthetic dataset (Oxford pets layout or COCO / YOLO-seg shapes)")
-    s.add_argument("--task", required=True, choices=("pets", "coco"), help="pets: semantic trimaps; coco: instance shapes")
-    s.add_argument("--out", required=True, type=Path, help="output directory (created; must be empty or a previous synth output)")
+    s.add_argument(
+        "--task", required=True, choices=("pets", "coco"), help="pets: semantic trimaps; coco: instance shapes"
+    )
+    s.add_argument(
+        "--out", required=True, type=Path, help="output directory (created; must be empty or a previous synth output)"
+    )
     s.add_argument("--n", type=_int_at_least(1, "--n"), default=200, help="number of images (default 200)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--size", type=_int_at_least(32, "--size"), default=128, help="image side in pixels, >= 32 (default 128)")
+    s.add_argument(
+        "--size", type=_int_at_least(32, "--size"), default=128, help="image side in pixels, >= 32 (default 128)"
+    )
     s.add_argument("--shift", action="store_true", help="render in the shifted style (drift simulation)")
-    s.add_argument("--val-fraction", type=_fraction, default=0.2, help="held-out fraction: test.txt for pets, val for coco (default 0.2)")
-    s.add_argument("--format", choices=("coco", "yolo", "both"), default=None, help="coco task only: annotation format (default coco)")
+    s.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.2,
+        help="held-out fraction: test.txt for pets, val for coco (default 0.2)",
+    )
+    s.add_argument(
+        "--format",
+        choices=("coco", "yolo", "both"),
+        default=None,
+        help="coco task only: annotation format (default coco)",
+    )
     c = sub.add_parser("check", help="read every item of a dataset split and report the first problem")
     c.add_argument("--task", required=True, choices=("semantic", "instance"))
     c.add_argument("--root", required=True, type=Path)
@@ -63,20 +81,36 @@ def _synth(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.task == "pets":
         if args.format is not None:
             parser.error("--format applies only to --task coco")
-        out = generate_pets(args.out, n=args.n, seed=args.seed, size=args.size, shift=args.shift, test_fraction=args.val_fraction)
+        out = generate_pets(
+            args.out, n=args.n, seed=args.seed, size=args.size, shift=args.shift, test_fraction=args.val_fraction
+        )
         splits = {}
         for split in ("trainval", "test"):
-            splits[split] = sum(1 for line in (out / "annotations" / f"{split}.txt").read_text().splitlines() if line.strip())
-        print(f"wrote {args.n} synthetic pets ({args.size}x{args.size}, {'shifted' if args.shift else 'default'} style, seed {args.seed}) to {out}")
+            splits[split] = sum(
+                1 for line in (out / "annotations" / f"{split}.txt").read_text().splitlines() if line.strip()
+            )
+        print(
+            f"wrote {args.n} synthetic pets ({args.size}x{args.size}, {'shifted' if args.shift else 'default'} style, seed {args.seed}) to {out}"
+        )
         print(f"  images:   {out / 'images'}/<name>.jpg")
         print(f"  trimaps:  {out / 'annotations' / 'trimaps'}/<name>.png (1=pet, 2=background, 3=border)")
         for split, k in splits.items():
             print(f"  {split + ':':9} {out / 'annotations' / (split + '.txt')} ({k} samples)")
     else:
         fmt = args.format or "coco"
-        out = generate_coco(args.out, n=args.n, seed=args.seed, size=args.size, shift=args.shift, val_fraction=args.val_fraction, fmt=fmt)
+        out = generate_coco(
+            args.out,
+            n=args.n,
+            seed=args.seed,
+            size=args.size,
+            shift=args.shift,
+            val_fraction=args.val_fraction,
+            fmt=fmt,
+        )
         counts = {s: sum(1 for v in read_meta(out)["samples"].values() if v["split"] == s) for s in ("train", "val")}
-        print(f"wrote {args.n} synthetic shape images ({args.size}x{args.size}, {'shifted' if args.shift else 'default'} style, seed {args.seed}, format {fmt}) to {out}")
+        print(
+            f"wrote {args.n} synthetic shape images ({args.size}x{args.size}, {'shifted' if args.shift else 'default'} style, seed {args.seed}, format {fmt}) to {out}"
+        )
         for split, k in counts.items():
             print(f"  {split}: {k} images in {out / 'images' / split}")
             if fmt != "yolo":

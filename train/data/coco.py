@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from segloop.errors import DatasetError
 from train.data.pets import load_rgb
-from train.errors import DatasetError
 
 Transform = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
 
@@ -75,7 +76,9 @@ def _check_segmentation(segm: Any, where: str, height: int, width: int) -> None:
     if isinstance(segm, list):
         for poly in segm:
             if not isinstance(poly, list) or not all(isinstance(v, (int, float)) for v in poly):
-                raise DatasetError(f"{where}: polygon segmentation must be a list of [x1, y1, x2, y2, ...] number lists")
+                raise DatasetError(
+                    f"{where}: polygon segmentation must be a list of [x1, y1, x2, y2, ...] number lists"
+                )
             if len(poly) % 2:
                 raise DatasetError(f"{where}: polygon has an odd number of coordinates ({len(poly)})")
         # Polygons of < 3 points have no area, and pycocotools would read a 4-number one
@@ -139,9 +142,7 @@ def validate_coco_dict(data: Any, source: str, img_dir: Path | None) -> dict:
             raise DatasetError(f"{where}: duplicate annotation id")
         ann_ids.add(ann["id"])
         if ann["category_id"] not in cat_ids:
-            raise DatasetError(
-                f"{where} has unknown category id {ann['category_id']} (known: {sorted(cat_ids)})"
-            )
+            raise DatasetError(f"{where} has unknown category id {ann['category_id']} (known: {sorted(cat_ids)})")
         img = images.get(ann["image_id"])
         if img is None:
             raise DatasetError(f"{where} references unknown image id {ann['image_id']}")

@@ -13,15 +13,16 @@ loss) with ``border="ignore"``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from train.errors import DatasetError
+from segloop.errors import DatasetError
 
 SEMANTIC_CLASSES = ("background", "pet", "border")
 IGNORE_INDEX = 255

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_utils
 
-from train.errors import ConfigError, DatasetError
+from dataplane.trimap import pet_trimap
+from segloop.errors import ConfigError, DatasetError
 
 # (name, species) — Oxford convention: cat breeds capitalised (species 1), dogs lowercase (species 2).
 PET_BREEDS = (("Roundcat", 1), ("Boxcat", 1), ("floppy_dog", 2), ("long_dog", 2))
@@ -58,7 +59,9 @@ def _prepare_out(out: str | Path) -> Path:
         raise DatasetError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not (out / SYNTH_META).is_file():
-            raise DatasetError(f"output directory {out} is not empty and was not written by the generator; choose another --out")
+            raise DatasetError(
+                f"output directory {out} is not empty and was not written by the generator; choose another --out"
+            )
         for name in _GENERATED:
             p = out / name
             if p.is_dir():
@@ -121,18 +124,6 @@ def _texture(rng: np.random.Generator, size: int, c1: np.ndarray, c2: np.ndarray
     else:  # pragma: no cover - internal
         raise ValueError(family)
     return c1 * (1 - t[..., None]) + c2 * t[..., None]
-
-
-def dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    """Binary dilation with a disc of radius ``r`` (numpy only)."""
-    h, w = mask.shape
-    pad = np.pad(mask, r)
-    out = np.zeros_like(mask)
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            if dx * dx + dy * dy <= r * r:
-                out |= pad[r + dy : r + dy + h, r + dx : r + dx + w]
-    return out
 
 
 def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> Image.Image:
@@ -207,25 +198,19 @@ def _pet_style(seed: int, size: int, mask: np.ndarray, shift: bool) -> Image.Ima
     bg = _texture(rng, size, bg1, bg2, family)
     fur = _smooth_noise(rng, size, int(rng.integers(6, 14)))
     pet = pet1 * (1 - fur) + pet2 * fur
-    alpha = np.asarray(
-        Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(0.6)), dtype=np.float32
-    )[..., None] / 255.0
+    alpha = (
+        np.asarray(
+            Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(0.6)), dtype=np.float32
+        )[..., None]
+        / 255.0
+    )
     return _finish(bg * (1 - alpha) + pet * alpha, rng, noise)
-
-
-def pet_trimap(mask: np.ndarray, size: int) -> np.ndarray:
-    """Oxford trimap (1=pet, 2=background, 3=border) of a binary mask; band of a few px."""
-    r = max(1, round(size / 64))
-    band = dilate(mask, r) & dilate(~mask, r)  # dilation minus erosion
-    trimap = np.where(mask, 1, 2).astype(np.uint8)
-    trimap[band] = 3
-    return trimap
 
 
 def render_pet(seed: int, size: int = 128, shift: bool = False) -> tuple[Image.Image, np.ndarray]:
     """One pet image and its Oxford trimap (uint8 [H,W], values 1/2/3); pure function of its args."""
     mask, _ = _pet_geometry(int(seed), int(size))
-    return _pet_style(int(seed), int(size), mask, bool(shift)), pet_trimap(mask, int(size))
+    return _pet_style(int(seed), int(size), mask, bool(shift)), pet_trimap(mask)
 
 
 def generate_pets(
@@ -243,7 +228,7 @@ def generate_pets(
         mask, breed = _pet_geometry(s, size)
         name = f"{PET_BREEDS[breed][0]}_{i + 1}"
         _pet_style(s, size, mask, shift).save(out / "images" / f"{name}.jpg", quality=92)
-        Image.fromarray(pet_trimap(mask, size)).save(out / "annotations" / "trimaps" / f"{name}.png")
+        Image.fromarray(pet_trimap(mask)).save(out / "annotations" / "trimaps" / f"{name}.png")
         species = PET_BREEDS[breed][1]
         breed_id = 1 + sum(1 for b in PET_BREEDS[:breed] if b[1] == species)
         split = "test" if i in test_idx else "trainval"
@@ -303,7 +288,13 @@ def _shapes_geometry(seed: int, size: int, crowd: bool) -> list[dict[str, Any]]:
                 rho, phi = rng.uniform(0, cr - rr), rng.uniform(0, 2 * np.pi)
                 x, y = spot[0] + rho * np.cos(phi), spot[1] + rho * np.sin(phi)
                 d.ellipse([x - rr, y - rr, x + rr, y + rr], fill=1)
-            insts.append({"category_id": 1, "segmentation": _mask_to_uncompressed_rle(np.asarray(m, dtype=np.uint8)), "iscrowd": 1})
+            insts.append(
+                {
+                    "category_id": 1,
+                    "segmentation": _mask_to_uncompressed_rle(np.asarray(m, dtype=np.uint8)),
+                    "iscrowd": 1,
+                }
+            )
     for _ in range(int(rng.integers(1, 5))):
         kind_i = int(rng.integers(3))
         r = rng.uniform(0.1, 0.2) * size
@@ -316,7 +307,9 @@ def _shapes_geometry(seed: int, size: int, crowd: bool) -> list[dict[str, Any]]:
         insts.append({"category_id": cat["id"], "segmentation": [poly], "iscrowd": 0})
     if not any(i["iscrowd"] == 0 for i in insts):  # always at least one real instance
         r = 0.12 * size
-        insts.append({"category_id": 1, "segmentation": [_shape_polygon("ball", size / 2, size / 2, r, 0.0)], "iscrowd": 0})
+        insts.append(
+            {"category_id": 1, "segmentation": [_shape_polygon("ball", size / 2, size / 2, r, 0.0)], "iscrowd": 0}
+        )
         insts = [i for i in insts if i["iscrowd"] == 0]
     return insts
 
@@ -325,11 +318,19 @@ def _shapes_style(seed: int, size: int, insts: list[dict], shift: bool) -> Image
     rng = np.random.default_rng([seed, 1])
     if not shift:
         h = rng.uniform(0, 1)
-        bg = _texture(rng, size, _hsv(h, 0.15, 0.35), _hsv(h + 0.1, 0.2, 0.5), ("noise", "stripes", "gradient")[int(rng.integers(3))])
+        bg = _texture(
+            rng,
+            size,
+            _hsv(h, 0.15, 0.35),
+            _hsv(h + 0.1, 0.2, 0.5),
+            ("noise", "stripes", "gradient")[int(rng.integers(3))],
+        )
         noise = 0.02
     else:
         h = rng.uniform(0, 1)
-        bg = _texture(rng, size, _hsv(h, 0.5, 0.55), _hsv(h + 0.5, 0.5, 0.75), ("checker", "blotches")[int(rng.integers(2))])
+        bg = _texture(
+            rng, size, _hsv(h, 0.5, 0.55), _hsv(h + 0.5, 0.5, 0.75), ("checker", "blotches")[int(rng.integers(2))]
+        )
         noise = 0.05
     canvas = Image.fromarray((np.clip(bg, 0, 1) * 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
@@ -348,7 +349,9 @@ def _shapes_style(seed: int, size: int, insts: list[dict], shift: bool) -> Image
     return _finish(np.asarray(canvas, dtype=np.float32) / 255.0, rng, noise)
 
 
-def render_shapes(seed: int, size: int = 128, shift: bool = False, crowd: bool = False) -> tuple[Image.Image, list[dict]]:
+def render_shapes(
+    seed: int, size: int = 128, shift: bool = False, crowd: bool = False
+) -> tuple[Image.Image, list[dict]]:
     """One shapes image and its COCO-style instances (``category_id``, ``segmentation``, ``iscrowd``)."""
     insts = _shapes_geometry(int(seed), int(size), bool(crowd))
     return _shapes_style(int(seed), int(size), insts, bool(shift)), insts
@@ -373,7 +376,9 @@ def generate_coco(
         raise ConfigError(f"fmt must be 'coco', 'yolo' or 'both', got {fmt!r}")
     out = _prepare_out(out)
     val_idx = _split_indices(seed, n, val_fraction)
-    coco = {s: {"images": [], "annotations": [], "categories": [dict(c) for c in COCO_CATEGORIES]} for s in ("train", "val")}
+    coco = {
+        s: {"images": [], "annotations": [], "categories": [dict(c) for c in COCO_CATEGORIES]} for s in ("train", "val")
+    }
     yolo_cls = {c["id"]: k for k, c in enumerate(COCO_CATEGORIES)}
     for s in ("train", "val"):
         (out / "images" / s).mkdir(parents=True)
@@ -392,15 +397,17 @@ def generate_coco(
             ann_id += 1
             rle = mask_utils.frPyObjects(inst["segmentation"], size, size)
             rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
-            coco[split]["annotations"].append({
-                "id": ann_id,
-                "image_id": i + 1,
-                "category_id": inst["category_id"],
-                "segmentation": inst["segmentation"],
-                "area": float(mask_utils.area(rle)),
-                "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
-                "iscrowd": inst["iscrowd"],
-            })
+            coco[split]["annotations"].append(
+                {
+                    "id": ann_id,
+                    "image_id": i + 1,
+                    "category_id": inst["category_id"],
+                    "segmentation": inst["segmentation"],
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": inst["iscrowd"],
+                }
+            )
         if fmt != "coco":
             rows = []
             for inst in insts:

@@ -22,8 +22,8 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from segloop.errors import DatasetError
 from train.data.coco import CocoInstanceDataset, Transform, validate_coco_dict
-from train.errors import DatasetError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _TOL = 1e-6  # float rounding slack on the [0, 1] coordinate range
@@ -61,7 +61,9 @@ def parse_label_file(path: Path, names: dict[int, str]) -> list[tuple[int, list[
             cls = int(parts[0])
             coords = [float(v) for v in parts[1:]]
         except ValueError:
-            raise DatasetError(f"{where}: expected 'cls x1 y1 x2 y2 ...' with an integer class and numbers, got {line.strip()!r}") from None
+            raise DatasetError(
+                f"{where}: expected 'cls x1 y1 x2 y2 ...' with an integer class and numbers, got {line.strip()!r}"
+            ) from None
         if cls not in names:
             raise DatasetError(f"{where}: unknown class {cls} (data.yaml names: {sorted(names)})")
         if len(coords) % 2:
@@ -107,15 +109,17 @@ def yolo_to_coco_dict(root: str | Path, split: str) -> dict[str, Any]:
             poly = [v * (w if i % 2 == 0 else h) for i, v in enumerate(coords)]
             rle = mask_utils.frPyObjects([poly], h, w)[0]
             xs, ys = poly[0::2], poly[1::2]
-            anns.append({
-                "id": len(anns) + 1,
-                "image_id": image_id,
-                "category_id": cls + 1,
-                "segmentation": [poly],
-                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                "area": float(mask_utils.area(rle)),
-                "iscrowd": 0,
-            })
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": cls + 1,
+                    "segmentation": [poly],
+                    "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                    "area": float(mask_utils.area(rle)),
+                    "iscrowd": 0,
+                }
+            )
     cats = [{"id": k + 1, "name": v, "supercategory": "none"} for k, v in sorted(names.items())]
     return {"images": images, "annotations": anns, "categories": cats}
 
@@ -141,5 +145,7 @@ class YoloSegDataset(CocoInstanceDataset):
         self.root = Path(root)
         self.split = split
         img_dir = image_dir_for(self.root, split)
-        data = validate_coco_dict(yolo_to_coco_dict(self.root, split), f"{self.root} (YOLO-seg, split {split})", img_dir)
+        data = validate_coco_dict(
+            yolo_to_coco_dict(self.root, split), f"{self.root} (YOLO-seg, split {split})", img_dir
+        )
         self._setup(data, None, img_dir, transforms)

@@ -24,7 +24,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from train.errors import ConfigError, DatasetError, ModelError
+from segloop.errors import ConfigError, DatasetError, ModelError
 from train.metrics.semantic import _all_reduce_sum, _dist_ready
 
 __all__ = [

@@ -93,8 +93,13 @@ def plot_pr_curve(curves: Mapping[str, Any], class_names: Sequence[str] | None, 
     labels = [f"{_name(class_names, c)} {a:.3f}" for c, a in zip(cls, ap)]
     _per_class(ax, curves["pr_recall"], np.asarray(curves["pr_precision"]), labels)
     if cls:
-        ax.plot(curves["pr_recall"], curves["mean_pr_precision"], linewidth=3, color="blue",
-                label=f"all classes {curves['map50']:.3f} mAP@0.5")
+        ax.plot(
+            curves["pr_recall"],
+            curves["mean_pr_precision"],
+            linewidth=3,
+            color="blue",
+            label=f"all classes {curves['map50']:.3f} mAP@0.5",
+        )
         ax.legend(loc="lower left", fontsize=8)
     ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.01), title="Precision-Recall")
     ax.grid(alpha=0.3)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from train.errors import DatasetError
+from segloop.errors import DatasetError
 
 __all__ = [
     "ConfusionMatrix",
@@ -54,8 +54,7 @@ def confusion_matrix(
         pred = class_indices(pred)
     if pred.shape != target.shape:
         raise ValueError(
-            f"confusion_matrix: pred shape {tuple(pred.shape)} does not match target shape "
-            f"{tuple(target.shape)}"
+            f"confusion_matrix: pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}"
         )
     n = int(num_classes)
     t = target.reshape(-1).long()
@@ -164,9 +163,7 @@ class ConfusionMatrix:
     then ``compute`` for the metric dict (see :func:`semantic_metrics`).
     """
 
-    def __init__(
-        self, num_classes: int, class_names: Sequence[str] | None = None, ignore_index: int = 255
-    ) -> None:
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None, ignore_index: int = 255) -> None:
         self.num_classes = int(num_classes)
         self.class_names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(num_classes))
         if len(self.class_names) != self.num_classes:

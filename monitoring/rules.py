@@ -1,6 +1,6 @@
 """The monitoring actor's alert rules, as pure code.
 
-A rule watches one windowed signal (see serve_app/signals.py) and fires when the signal has been
+A rule watches one windowed signal (see monitoring/signals.py) and fires when the signal has been
 on the wrong side of its threshold for ``for_s`` seconds. The semantics follow Prometheus's alerting
 rules in monitoring/alerts.yml, so the in-process monitor and Prometheus agree, plus two things an
 actor that triggers retraining needs:
@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from train.errors import ConfigError
+from segloop.errors import ConfigError
 
 Signal = Literal["mean_confidence", "mean_entropy", "error_rate"]
 SIGNALS: tuple[str, ...] = ("mean_confidence", "mean_entropy", "error_rate")
@@ -67,12 +67,39 @@ class RuleConfig(BaseModel):
 
 # Mirrors monitoring/alerts.yml (tests/test_monitoring_config.py checks that they agree).
 DEFAULT_RULES: tuple[RuleConfig, ...] = (
-    RuleConfig(name="low_confidence", signal="mean_confidence", op="<", threshold=0.6,
-               window_s=300, for_s=120, hysteresis=0.05, cooldown_s=1800, severity="warning"),
-    RuleConfig(name="high_entropy", signal="mean_entropy", op=">", threshold=0.5,
-               window_s=300, for_s=120, hysteresis=0.05, cooldown_s=1800, severity="warning"),
-    RuleConfig(name="high_error_rate", signal="error_rate", op=">", threshold=0.05,
-               window_s=300, for_s=120, hysteresis=0.02, cooldown_s=1800, severity="critical"),
+    RuleConfig(
+        name="low_confidence",
+        signal="mean_confidence",
+        op="<",
+        threshold=0.6,
+        window_s=300,
+        for_s=120,
+        hysteresis=0.05,
+        cooldown_s=1800,
+        severity="warning",
+    ),
+    RuleConfig(
+        name="high_entropy",
+        signal="mean_entropy",
+        op=">",
+        threshold=0.5,
+        window_s=300,
+        for_s=120,
+        hysteresis=0.05,
+        cooldown_s=1800,
+        severity="warning",
+    ),
+    RuleConfig(
+        name="high_error_rate",
+        signal="error_rate",
+        op=">",
+        threshold=0.05,
+        window_s=300,
+        for_s=120,
+        hysteresis=0.02,
+        cooldown_s=1800,
+        severity="critical",
+    ),
 )
 
 _RULE_LIST = TypeAdapter(list[RuleConfig])
@@ -189,8 +216,15 @@ class RuleEngine:
 
     @staticmethod
     def _event(rule: RuleConfig, state: Literal["firing", "resolved"], value: float, now: float) -> Event:
-        return Event(rule=rule.name, state=state, value=value, time=now, signal=rule.signal,
-                     threshold=rule.threshold, severity=rule.severity)
+        return Event(
+            rule=rule.name,
+            state=state,
+            value=value,
+            time=now,
+            signal=rule.signal,
+            threshold=rule.threshold,
+            severity=rule.severity,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe snapshot: the rules and each rule's state."""
@@ -201,7 +235,9 @@ class RuleEngine:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], rules: Sequence[RuleConfig | Mapping[str, Any]] | None = None) -> RuleEngine:
+    def from_dict(
+        cls, data: Mapping[str, Any], rules: Sequence[RuleConfig | Mapping[str, Any]] | None = None
+    ) -> RuleEngine:
         """Restore a snapshot. With ``rules``, those replace the saved rules; the states of rules that
         kept their name carry over (new rules start ok, removed ones are dropped)."""
         if not isinstance(data, Mapping) or data.get("version") != STATE_VERSION:

@@ -13,7 +13,7 @@ Layout of a store::
 
     captures/<yyyy-mm-dd>/<id>.<ext>        a production input kept for labelling/retraining
     captures/<yyyy-mm-dd>/<id>.json         its metadata (model, prediction summary, drift scores, ...)
-    datasets/<name>/<version>.json          immutable dataset-version manifests (train.versions)
+    datasets/<name>/<version>.json          immutable dataset-version manifests (dataplane.versions)
     blobs/sha256/<aa>/<sha256>              content-addressed file contents (<aa> = first 2 hex chars)
 
 :func:`capture_keys`, :func:`manifest_key` and :func:`blob_key` build these keys so no
@@ -34,16 +34,17 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from train.errors import ConfigError, StoreError
+from segloop.errors import ConfigError, StoreError
 
-DEFAULT_LOCAL_ROOT = "./.segloop/store"
+DEFAULT_LOCAL_ROOT = ".segloop/store"  # segloop.settings: <DEFAULT_DATA_DIR>/store
 # Prefix of in-flight temp files of LocalStore; never a valid key component, never listed.
 _TMP_PREFIX = ".segloop-tmp-"
 
@@ -131,9 +132,7 @@ def manifest_key(name: str, version: str) -> str:
     return check_key(f"datasets/{name}/{version}.json")
 
 
-def capture_keys(
-    capture_id: str, ext: str, when: Optional[_dt.datetime | _dt.date] = None
-) -> tuple[str, str]:
+def capture_keys(capture_id: str, ext: str, when: Optional[_dt.datetime | _dt.date] = None) -> tuple[str, str]:
     """``(data_key, metadata_key)`` of a capture taken at ``when`` (default: now, UTC)."""
     if not isinstance(capture_id, str) or not _CAPTURE_ID.match(capture_id):
         raise StoreError(f"invalid capture id {capture_id!r}: expected [A-Za-z0-9._-], at most 128 chars")
@@ -142,9 +141,9 @@ def capture_keys(
         raise StoreError(f"invalid capture extension {ext!r}: expected letters/digits like 'jpg'")
     if ext.lower() == "json":
         raise StoreError("a capture's data extension cannot be 'json' (the metadata uses it)")
-    when = when or _dt.datetime.now(_dt.timezone.utc)
+    when = when or _dt.datetime.now(_dt.UTC)
     if isinstance(when, _dt.datetime) and when.tzinfo is not None:
-        when = when.astimezone(_dt.timezone.utc)
+        when = when.astimezone(_dt.UTC)
     day = when.strftime("%Y-%m-%d")
     return f"captures/{day}/{capture_id}.{ext}", f"captures/{day}/{capture_id}.json"
 
@@ -550,12 +549,12 @@ class StoreConfig(BaseModel):
         super().__init__(**data)
 
     @classmethod
-    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> "StoreConfig":
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> StoreConfig:
         _reject_credentials(obj)
         return super().model_validate(obj, *args, **kwargs)
 
     @model_validator(mode="after")
-    def _s3_fields(self) -> "StoreConfig":
+    def _s3_fields(self) -> StoreConfig:
         if self.kind == "s3":
             missing = [f for f in ("endpoint", "bucket") if not getattr(self, f)]
             if missing:
@@ -591,12 +590,14 @@ def s3_credentials(env: Optional[Mapping[str, str]] = None) -> tuple[Optional[st
     return None, None
 
 
-def open_store(cfg: StoreConfig | Mapping[str, Any] | None = None, env: Optional[Mapping[str, str]] = None) -> ObjectStore:
+def open_store(
+    cfg: StoreConfig | Mapping[str, Any] | None = None, env: Optional[Mapping[str, str]] = None
+) -> ObjectStore:
     """Build the store a config describes (credentials from ``env``, default os.environ)."""
     if cfg is None:
         cfg = StoreConfig()
     elif not isinstance(cfg, StoreConfig):
-        from train.config import validate
+        from segloop.config import validate
 
         cfg = validate(StoreConfig, dict(cfg), source="store config")
     if cfg.kind == "local":
@@ -623,7 +624,7 @@ def store_config_from_url(url: str, env: Optional[Mapping[str, str]] = None) -> 
     if not url:
         return StoreConfig(kind="local", root=DEFAULT_LOCAL_ROOT)
     if url.startswith("s3://"):
-        bucket = url[len("s3://"):].rstrip("/")
+        bucket = url[len("s3://") :].rstrip("/")
         if not bucket or "/" in bucket:
             raise ConfigError(f"invalid store URL {url!r}: expected s3://<bucket> (no key prefix)")
         endpoint = env.get("SEGLOOP_S3_ENDPOINT", "").strip()
@@ -636,9 +637,9 @@ def store_config_from_url(url: str, env: Optional[Mapping[str, str]] = None) -> 
     else:
         if "://" in url and not url.startswith("file://"):
             raise ConfigError(f"invalid store URL {url!r}: expected a local path, file://PATH or s3://BUCKET")
-        root = url[len("file://"):] if url.startswith("file://") else url
+        root = url[len("file://") :] if url.startswith("file://") else url
         data = {"kind": "local", "root": root}
-    from train.config import validate
+    from segloop.config import validate
 
     return validate(StoreConfig, data, source=f"store {url!r}")
 

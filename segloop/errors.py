@@ -30,7 +30,22 @@ class StoreError(SegloopError, RuntimeError):
     """The object store refused an operation or holds inconsistent data."""
 
 
-def cli_error(err: BaseException, code: int = 2) -> int:
-    """What every ``python -m ...`` entry point does with an error: ``error: <message>`` on stderr, exit ``code``."""
+# The exit codes of every segloop command (scripts and the monitor's jobs rely on them).
+EXIT_FAILURE = 1  # a service (object store, MLflow, Ray) failed or holds inconsistent data
+EXIT_USAGE = 2  # bad input: a flag, a config, a dataset or annotation file, a model name
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit code for ``err``: input errors 2, store/service failures 1, Ctrl-C 130."""
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(err, StoreError):
+        return EXIT_FAILURE
+    return EXIT_USAGE
+
+
+def cli_error(err: BaseException, code: int | None = None) -> int:
+    """What every entry point does with an error: ``error: <message>`` on stderr, exit :func:`exit_code`."""
     print(f"error: {err}", file=sys.stderr)
-    return code
+    return exit_code(err) if code is None else code

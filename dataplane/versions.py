@@ -3,7 +3,7 @@
 This replaces DVC. A *version* of dataset ``name`` is a JSON manifest stored at
 ``datasets/<name>/<version>.json`` that lists every file of the dataset as
 ``{path, size, sha256}``; the file contents live once per content in
-``blobs/sha256/<aa>/<sha256>`` (see :mod:`train.store`), so versions that share
+``blobs/sha256/<aa>/<sha256>`` (see :mod:`dataplane.store`), so versions that share
 files share blobs and an existing blob is never uploaded again.
 
 The version id is the first 16 hex characters of ``digest``, the sha256 of the
@@ -21,8 +21,9 @@ Guarantees:
 * integrity - manifests are checked against their digest when read, blobs against
   their sha256 and size when materialised or verified; every mismatch names the file.
 
-Command line: ``python -m train.versions [--store URL] list|show|diff|materialize|create|verify``
-(store from ``--store``, else ``SEGLOOP_STORE``, else ``./.segloop/store``).
+Command line: ``segloop versions [--store URL] list|show|diff|materialize|create|verify``
+(also ``python -m dataplane.versions``; store from ``--store``, else ``SEGLOOP_STORE``, else
+``./.segloop/store``).
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from train.errors import ConfigError, DatasetError, SegloopError, StoreError, cli_error
-from train.store import ObjectNotFound, ObjectStore, blob_key, check_key, manifest_key
+from dataplane.store import ObjectNotFound, ObjectStore, blob_key, check_key, manifest_key
+from segloop.errors import ConfigError, DatasetError, SegloopError, StoreError, cli_error
 
 FORMAT = 1
 VERSION_LEN = 16
@@ -126,7 +128,7 @@ class Manifest(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _unique_sorted_files(self) -> "Manifest":
+    def _unique_sorted_files(self) -> Manifest:
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths):
             dup = sorted({p for p in paths if paths.count(p) > 1})
@@ -136,7 +138,7 @@ class Manifest(BaseModel):
         return self
 
     @classmethod
-    def build(cls, **fields: Any) -> "Manifest":
+    def build(cls, **fields: Any) -> Manifest:
         """Fill in ``format``/``created``, sort files, compute ``digest`` and ``version``."""
         fields.setdefault("format", FORMAT)
         fields.setdefault("created", _now())
@@ -198,15 +200,17 @@ class Manifest(BaseModel):
 
 def compute_digest(manifest: Manifest | Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the manifest body."""
-    body = manifest.body() if isinstance(manifest, Manifest) else {
-        k: v for k, v in manifest.items() if k not in ("version", "digest", "created")
-    }
+    body = (
+        manifest.body()
+        if isinstance(manifest, Manifest)
+        else {k: v for k, v in manifest.items() if k not in ("version", "digest", "created")}
+    )
     canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _parse_manifest(data: Any, where: str) -> Manifest:
@@ -242,9 +246,12 @@ def write_manifest(store: ObjectStore, manifest: Manifest) -> Manifest:
     key = manifest.key
     if store.exists(key):
         existing_raw = store.get_json(key)
-        same_body = isinstance(existing_raw, dict) and compute_digest(existing_raw) == manifest.digest and {
-            k: v for k, v in existing_raw.items() if k != "created"
-        } == {k: v for k, v in manifest.to_dict().items() if k != "created"}
+        same_body = (
+            isinstance(existing_raw, dict)
+            and compute_digest(existing_raw) == manifest.digest
+            and {k: v for k, v in existing_raw.items() if k != "created"}
+            == {k: v for k, v in manifest.to_dict().items() if k != "created"}
+        )
         if not same_body:
             raise StoreError(
                 f"refusing to overwrite manifest {key!r} in {store.describe()}: it already exists "
@@ -375,7 +382,7 @@ def derive_splits(root: str | os.PathLike[str], task: str) -> dict[str, list[str
             if not isinstance(images, list):
                 raise DatasetError(f"{p} is not a COCO annotation file: missing an 'images' list")
             try:
-                splits[p.stem[len("instances_"):]] = [str(img["file_name"]) for img in images]
+                splits[p.stem[len("instances_") :]] = [str(img["file_name"]) for img in images]
             except (KeyError, TypeError):
                 raise DatasetError(f"{p}: every entry of 'images' needs a 'file_name'") from None
         if not splits and (root / "images").is_dir():
@@ -476,9 +483,7 @@ def _fetch_blob(store: ObjectStore, manifest: Manifest, entry: FileEntry, verify
     try:
         data = store.get_bytes(key)
     except ObjectNotFound:
-        raise StoreError(
-            f"{manifest.ref}: file {entry.path} is missing from {store.describe()} (blob {key})"
-        ) from None
+        raise StoreError(f"{manifest.ref}: file {entry.path} is missing from {store.describe()} (blob {key})") from None
     actual = hashlib.sha256(data).hexdigest() if verify or len(data) != entry.size else entry.sha256
     if len(data) != entry.size or actual != entry.sha256:
         raise StoreError(
@@ -522,9 +527,7 @@ def create_version(
     classes = _check_classes(classes)
     splits_ = _check_splits(derive_splits(root, task) if splits is None else splits)
     notes_ = _check_notes(notes)
-    source_ = _check_notes(
-        {"kind": "directory", "path": str(root.absolute())} if source is None else source, "source"
-    )
+    source_ = _check_notes({"kind": "directory", "path": str(root.absolute())} if source is None else source, "source")
     entries = _upload_files(store, [(rel, _file_loader(p, rel)) for rel, p in files], workers)
     manifest = Manifest.build(
         name=name,
@@ -566,41 +569,13 @@ def add_samples(
     updates = _check_splits(split_updates)
     if not new_files and not updates:
         raise DatasetError(f"add_samples({parent.ref}) needs new_files or split_updates")
-    items: dict[str, Callable[[], bytes]] = {}
-    for rel, value in new_files.items():
-        _check_relpath(rel)
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            items[rel] = (lambda b: lambda: bytes(b))(value)
-        elif isinstance(value, os.PathLike):
-            items[rel] = _file_loader(Path(value), rel)
-        else:
-            raise DatasetError(
-                f"new_files[{rel!r}] must be bytes or a pathlib.Path, got {type(value).__name__}"
-            )
-
-    splits = {k: list(v) for k, v in parent.splits.items()}
-    for split, names in updates.items():
-        current = splits.setdefault(split, [])
-        seen = set(current)
-        for n in names:
-            if n not in seen:
-                current.append(n)
-                seen.add(n)
+    items = {rel: _source_loader(rel, value) for rel, value in new_files.items()}
+    splits = _appended_splits(parent.splits, updates)
     if sync_split_files and parent.task == "semantic":
-        parent_files = parent.file_map
         for split in updates:
             rel = f"annotations/{split}.txt"
-            if rel in items:
-                continue
-            if rel in parent_files:
-                old = _fetch_blob(store, parent, parent_files[rel]).decode("utf-8", errors="replace")
-                have = set(_read_split_names(old.encode("utf-8"), rel))
-                extra = [n for n in splits[split] if n not in have]
-                text = old if (not old or old.endswith("\n")) else old + "\n"
-                data = (text + "".join(f"{n}\n" for n in extra)).encode("utf-8")
-            else:
-                data = "".join(f"{n}\n" for n in splits[split]).encode("utf-8")
-            items[rel] = (lambda b: lambda: b)(data)
+            if rel not in items:
+                items[rel] = _bytes_loader(_split_file(store, parent, rel, splits[split]))
 
     added = _upload_files(store, sorted(items.items()), workers)
     files = parent.file_map
@@ -620,6 +595,45 @@ def add_samples(
     return write_manifest(store, manifest)
 
 
+def _bytes_loader(data: Union[bytes, bytearray, memoryview]) -> Callable[[], bytes]:
+    return lambda: bytes(data)
+
+
+def _source_loader(rel: str, value: FileSource) -> Callable[[], bytes]:
+    """The loader of one ``new_files`` value: its bytes, or the file read on upload."""
+    _check_relpath(rel)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _bytes_loader(value)
+    if isinstance(value, os.PathLike):
+        return _file_loader(Path(value), rel)
+    raise DatasetError(f"new_files[{rel!r}] must be bytes or a pathlib.Path, got {type(value).__name__}")
+
+
+def _appended_splits(splits: Mapping[str, Sequence[str]], updates: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """``splits`` with the names of ``updates`` appended to each split, skipping names it has."""
+    out = {k: list(v) for k, v in splits.items()}
+    for split, names in updates.items():
+        current = out.setdefault(split, [])
+        seen = set(current)
+        for n in names:
+            if n not in seen:
+                current.append(n)
+                seen.add(n)
+    return out
+
+
+def _split_file(store: ObjectStore, parent: Manifest, rel: str, names: Sequence[str]) -> bytes:
+    """``annotations/<split>.txt`` listing ``names``: the parent's file with the missing names appended."""
+    parent_files = parent.file_map
+    if rel not in parent_files:
+        return "".join(f"{n}\n" for n in names).encode("utf-8")
+    old = _fetch_blob(store, parent, parent_files[rel]).decode("utf-8", errors="replace")
+    have = set(_read_split_names(old.encode("utf-8"), rel))
+    extra = [n for n in names if n not in have]
+    text = old if (not old or old.endswith("\n")) else old + "\n"
+    return (text + "".join(f"{n}\n" for n in extra)).encode("utf-8")
+
+
 def list_datasets(store: ObjectStore) -> list[str]:
     """Names of the datasets that have at least one version."""
     names = set()
@@ -634,7 +648,7 @@ def _version_ids(store: ObjectStore, name: str) -> list[str]:
     prefix = f"datasets/{_check_name(name)}/"
     out = []
     for key in store.list(prefix):
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if "/" not in rest and rest.endswith(".json"):
             vid = rest[: -len(".json")]
             if len(vid) == VERSION_LEN and _HEX.match(vid):
@@ -760,14 +774,15 @@ def _is_materialized(out: Path, manifest: Manifest, verify: bool) -> bool:
         try:
             if p.stat().st_size != f.size:
                 return False
-            if verify and _sha256_file(p) != f.sha256:
+            if verify and sha256_file(p) != f.sha256:
                 return False
         except OSError:
             return False
     return True
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -918,7 +933,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "default $SEGLOOP_STORE or ./.segloop/store",
     )
     parser = argparse.ArgumentParser(
-        prog="python -m train.versions", description="Immutable, content-addressed dataset versions.",
+        prog="segloop versions",
+        description="Immutable, content-addressed dataset versions.",
         parents=[common],
     )
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -958,65 +974,86 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_list(store: ObjectStore, args: argparse.Namespace) -> None:
+    if args.name:
+        versions = list_versions(store, args.name)
+        if args.json:
+            print(json.dumps([m.to_dict() for m in versions], indent=2))
+        elif not versions:
+            print(f"dataset {args.name!r} has no versions in {store.describe()}", file=sys.stderr)
+        for m in versions if not args.json else []:
+            print(_summary(m))
+    else:
+        names = list_datasets(store)
+        if args.json:
+            print(json.dumps(names))
+        for n in names if not args.json else []:
+            print(n)
+
+
+def _cmd_show(store: ObjectStore, args: argparse.Namespace) -> None:
+    m = get_version(store, args.name, args.version)
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2, sort_keys=True))
+        return
+    print(f"{m.ref}  (digest {m.digest})")
+    print(_summary(m))
+    print(f"classes: {', '.join(m.classes)}")
+    if m.source:
+        print(f"source: {json.dumps(m.source, sort_keys=True)}")
+    if m.notes:
+        print(f"notes: {json.dumps(m.notes, sort_keys=True)}")
+
+
+def _cmd_diff(store: ObjectStore, args: argparse.Namespace) -> None:
+    a, b = get_version(store, args.name, args.a), get_version(store, args.name, args.b)
+    d = diff_versions(a, b)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return
+    for tag, key in (("+", "added"), ("-", "removed"), ("~", "changed")):
+        for path in d[key]:
+            print(f"{tag} {path}")
+    print(f"{len(d['added'])} added, {len(d['removed'])} removed, {len(d['changed'])} changed")
+
+
+def _cmd_materialize(store: ObjectStore, args: argparse.Namespace) -> None:
+    m = get_version(store, args.name, args.version)
+    out = materialize(store, m, args.out, verify=not args.no_verify)
+    print(f"{m.ref} -> {out}")
+
+
+def _cmd_create(store: ObjectStore, args: argparse.Namespace) -> None:
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    m = create_version(store, args.name, args.dir, args.task, classes, parent=args.parent, notes=parse_notes(args.note))
+    print(f"{m.ref}  ({len(m.files)} files, {_fmt_size(m.total_bytes)})")
+
+
+def _cmd_verify(store: ObjectStore, args: argparse.Namespace) -> None:
+    m = get_version(store, args.name, args.version)
+    verify_version(store, m)
+    print(f"{m.ref}: all {len(m.files)} files ok")
+
+
+COMMANDS: dict[str, Callable[[ObjectStore, argparse.Namespace], None]] = {
+    "list": _cmd_list,
+    "show": _cmd_show,
+    "diff": _cmd_diff,
+    "materialize": _cmd_materialize,
+    "create": _cmd_create,
+    "verify": _cmd_verify,
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point. Exit codes: 0 ok, 1 store/integrity failure, 2 bad input."""
-    from train.store import open_store, store_config_from_url
+    from dataplane.store import open_store, store_config_from_url
 
     args = _build_parser().parse_args(argv)
     try:
         url = getattr(args, "store", None) or os.environ.get("SEGLOOP_STORE", "")
         store = open_store(store_config_from_url(url))
-        if args.cmd == "list":
-            if args.name:
-                versions = list_versions(store, args.name)
-                if args.json:
-                    print(json.dumps([m.to_dict() for m in versions], indent=2))
-                elif not versions:
-                    print(f"dataset {args.name!r} has no versions in {store.describe()}", file=sys.stderr)
-                for m in versions if not args.json else []:
-                    print(_summary(m))
-            else:
-                names = list_datasets(store)
-                if args.json:
-                    print(json.dumps(names))
-                for n in names if not args.json else []:
-                    print(n)
-        elif args.cmd == "show":
-            m = get_version(store, args.name, args.version)
-            if args.json:
-                print(json.dumps(m.to_dict(), indent=2, sort_keys=True))
-            else:
-                print(f"{m.ref}  (digest {m.digest})")
-                print(_summary(m))
-                print(f"classes: {', '.join(m.classes)}")
-                if m.source:
-                    print(f"source: {json.dumps(m.source, sort_keys=True)}")
-                if m.notes:
-                    print(f"notes: {json.dumps(m.notes, sort_keys=True)}")
-        elif args.cmd == "diff":
-            a, b = get_version(store, args.name, args.a), get_version(store, args.name, args.b)
-            d = diff_versions(a, b)
-            if args.json:
-                print(json.dumps(d, indent=2))
-            else:
-                for tag, key in (("+", "added"), ("-", "removed"), ("~", "changed")):
-                    for path in d[key]:
-                        print(f"{tag} {path}")
-                print(f"{len(d['added'])} added, {len(d['removed'])} removed, {len(d['changed'])} changed")
-        elif args.cmd == "materialize":
-            m = get_version(store, args.name, args.version)
-            out = materialize(store, m, args.out, verify=not args.no_verify)
-            print(f"{m.ref} -> {out}")
-        elif args.cmd == "create":
-            classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-            m = create_version(
-                store, args.name, args.dir, args.task, classes, parent=args.parent, notes=parse_notes(args.note)
-            )
-            print(f"{m.ref}  ({len(m.files)} files, {_fmt_size(m.total_bytes)})")
-        elif args.cmd == "verify":
-            m = get_version(store, args.name, args.version)
-            verify_version(store, m)
-            print(f"{m.ref}: all {len(m.files)} files ok")
+        COMMANDS[args.cmd](store, args)
     except (ConfigError, DatasetError) as err:
         return cli_error(err, 2)
     except SegloopError as err:

@@ -1,4 +1,4 @@
-"""Read the windowed signals the alert rules watch (serve_app/rules.py, monitoring/alerts.yml).
+"""Read the windowed signals the alert rules watch (monitoring/rules.py, monitoring/alerts.yml).
 
 Two sources, same result ``{"mean_confidence", "mean_entropy", "error_rate", "requests"}``:
 
@@ -28,8 +28,8 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from serve_app import metrics
-from train.errors import ConfigError, SegloopError
+from monitoring import metric_names as metrics
+from segloop.errors import ConfigError, SegloopError
 
 SIGNALS: tuple[str, ...] = ("mean_confidence", "mean_entropy", "error_rate")
 KEYS: tuple[str, ...] = (*SIGNALS, "requests")
@@ -127,9 +127,14 @@ def _scalar(result: list[dict[str, Any]]) -> float | None:
     return None if math.isnan(value) else value
 
 
-def query_prometheus(url: str, window_s: float = 300, *, at: float | None = None, timeout: float = 5.0) -> dict[str, float | None]:
+def query_prometheus(
+    url: str, window_s: float = 300, *, at: float | None = None, timeout: float = 5.0
+) -> dict[str, float | None]:
     """The signals over the last ``window_s`` seconds (at time ``at``, default now) from Prometheus."""
-    return {key: _scalar(prometheus_query(url, expr, at=at, timeout=timeout)) for key, expr in promql_queries(window_s).items()}
+    return {
+        key: _scalar(prometheus_query(url, expr, at=at, timeout=timeout))
+        for key, expr in promql_queries(window_s).items()
+    }
 
 
 # --- straight from Ray's metrics endpoint -------------------------------------------------------

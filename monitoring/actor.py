@@ -3,7 +3,7 @@
 A detached, named Ray actor (``segloop-monitor``). Every ``interval_s`` it
 
 1. reads the signals — from Prometheus (``prometheus_url``) or straight from Ray's
-   metrics endpoints — and evaluates the alert rules (``serve_app.rules``: windows,
+   metrics endpoints — and evaluates the alert rules (``monitoring.rules``: windows,
    ``for``, hysteresis, cooldown, so one incident triggers one response);
 2. on a firing alert switches capture on in the Serve app (no redeploy);
 3. when the newest dataset version holds ``min_new_samples`` more samples than the one
@@ -14,7 +14,7 @@ A detached, named Ray actor (``segloop-monitor``). Every ``interval_s`` it
 
 State (rule states, trained version, jobs, decisions) lives in the object store under
 ``monitor/state.json`` and is reloaded on start, so a restarted actor neither re-fires
-an alert nor re-submits a job. Start it with ``python -m serve_app.monitor start``.
+an alert nor re-submits a job. Start it with ``segloop monitor start --config configs/monitor.yaml``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.rules import DEFAULT_RULES, RuleConfig, RuleEngine
+from monitoring.rules import DEFAULT_RULES, RuleConfig, RuleEngine
 
 log = logging.getLogger("segloop.monitor")
 
@@ -58,12 +58,14 @@ class MonitorConfig(BaseModel):
     schedule_cron: Optional[str] = Field(None, description="retrain on a cron schedule, e.g. '0 3 * * *'")
     train_config: str = Field("configs/pets.yaml", description="config file the retraining job uses")
     train_overrides: list[str] = Field(default_factory=list)
-    job_working_dir: Optional[str] = Field(None, description="upload this dir with the job (cluster without segloop installed)")
+    job_working_dir: Optional[str] = Field(
+        None, description="upload this dir with the job (cluster without segloop installed)"
+    )
     dashboard_url: Optional[str] = Field(None, description="Ray dashboard (Jobs API); default: this cluster's")
     registered_model: str = "segloop-pets"
     switch_serve: bool = Field(False, description="pin Serve to the new champion; off when replicas follow the alias")
     data_dir: str = ".segloop"
-    store: Optional[dict] = Field(None, description="train.store.StoreConfig; default: SEGLOOP_STORE / local")
+    store: Optional[dict] = Field(None, description="dataplane.store.StoreConfig; default: SEGLOOP_STORE / local")
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -111,18 +113,28 @@ class Monitor:
     """The actor's body; plain Python so the decision logic is testable without Ray."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from serve_app.app import store_config_dict
-        from train.store import open_store
+        from dataplane.store import open_store
+        from segloop.settings import store_config_dict
 
         self.cfg = MonitorConfig.model_validate(config)
         self.store = open_store(self.cfg.store or store_config_dict(self.cfg.data_dir))
-        self.state: dict[str, Any] = {"engine": None, "trained": None, "jobs": [], "decisions": [],
-                                      "events": [], "schedule_fired": None, "capture": None,
-                                      "totals": {"alerts": {}, "jobs": {}, "decisions": {}}}
+        self.state: dict[str, Any] = {
+            "engine": None,
+            "trained": None,
+            "jobs": [],
+            "decisions": [],
+            "events": [],
+            "schedule_fired": None,
+            "capture": None,
+            "totals": {"alerts": {}, "jobs": {}, "decisions": {}},
+        }
         if self.store.exists(STATE_KEY):
             self.state.update(self.store.get_json(STATE_KEY))
-        self.engine = (RuleEngine.from_dict(self.state["engine"], self.cfg.rules)
-                       if self.state["engine"] else RuleEngine(self.cfg.rules))
+        self.engine = (
+            RuleEngine.from_dict(self.state["engine"], self.cfg.rules)
+            if self.state["engine"]
+            else RuleEngine(self.cfg.rules)
+        )
         self._reader = None
         self._metrics = _Metrics(self.cfg.rules)
         self._metrics.publish(self.state["totals"])
@@ -130,7 +142,7 @@ class Monitor:
 
     # -- signals
     def read_signals(self) -> dict[str, float | None]:
-        from serve_app import signals
+        from monitoring import signals
 
         window = max(r.window_s for r in self.cfg.rules)
         if self.cfg.prometheus_url:
@@ -147,7 +159,7 @@ class Monitor:
         if signals is None:
             try:
                 signals = self.read_signals()
-            except Exception as err:  # signals unavailable: never act on missing data
+            except Exception as err:  # noqa: BLE001 - signals unavailable: never act on missing data
                 log.warning("signals unavailable: %s", err)
                 signals = {}
         for ev in self.engine.evaluate(signals, now):
@@ -166,13 +178,13 @@ class Monitor:
         return [a for a in actions if a]
 
     def switch_capture(self, policy: dict, reason: str) -> dict:
-        from serve_app.app import set_capture_policy
+        from dataplane.capture import write_policy
 
         if self.state.get("capture") == policy:
             return {}
         try:
-            set_capture_policy(policy, store=self.store)
-        except Exception as err:
+            write_policy(self.store, policy)
+        except Exception as err:  # noqa: BLE001 - reported as the action's outcome; retried on the next alert
             return {"action": "capture", "ok": False, "error": str(err)}
         self.state["capture"] = policy
         return {"action": "capture", "ok": True, "policy": policy, "reason": reason}
@@ -182,13 +194,16 @@ class Monitor:
         return next((j for j in self.state["jobs"] if j["status"] in ("PENDING", "RUNNING", "SUBMITTED")), None)
 
     def maybe_retrain(self, now: float) -> list[dict]:
-        from train.errors import StoreError
-        from train.versions import latest_version
+        from dataplane.versions import latest_version
+        from segloop.errors import DatasetError
 
         try:
             latest = latest_version(self.store, self.cfg.dataset_name)
-        except (StoreError, Exception) as err:
+        except DatasetError as err:  # nothing versioned yet
             log.info("no dataset version yet: %s", err)
+            return []
+        except Exception as err:  # noqa: BLE001 - a store outage or a corrupt manifest: say so, try next tick
+            log.warning("cannot read dataset %r: %s: %s", self.cfg.dataset_name, type(err).__name__, err)
             return []
         samples = sample_count(latest)
         trained = self.state.get("trained")
@@ -207,16 +222,34 @@ class Monitor:
 
     def submit(self, version: str, samples: int, reason: str) -> dict:
         client = self._jobs()
-        cmd = [sys.executable, "-m", "train", "--config", self.cfg.train_config, f"dataset_version={version}",
-               f"dataset_name={self.cfg.dataset_name}", f"registered_model={self.cfg.registered_model}",
-               f"data_dir={os.path.abspath(self.cfg.data_dir)}", *self.cfg.train_overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "train",
+            "--config",
+            self.cfg.train_config,
+            f"dataset_version={version}",
+            f"dataset_name={self.cfg.dataset_name}",
+            f"registered_model={self.cfg.registered_model}",
+            f"data_dir={os.path.abspath(self.cfg.data_dir)}",
+            *self.cfg.train_overrides,
+        ]
         runtime_env: dict[str, Any] = {"env_vars": _forwarded_env()}
         if self.cfg.job_working_dir:
             runtime_env["working_dir"] = self.cfg.job_working_dir
-        job_id = client.submit_job(entrypoint=" ".join(_quote(c) for c in cmd), runtime_env=runtime_env,
-                                   metadata={"segloop.reason": reason[:200], "segloop.dataset_version": version})
-        job = {"id": job_id, "status": "SUBMITTED", "dataset_version": version, "samples": samples,
-               "reason": reason, "submitted": time.time()}
+        job_id = client.submit_job(
+            entrypoint=" ".join(_quote(c) for c in cmd),
+            runtime_env=runtime_env,
+            metadata={"segloop.reason": reason[:200], "segloop.dataset_version": version},
+        )
+        job = {
+            "id": job_id,
+            "status": "SUBMITTED",
+            "dataset_version": version,
+            "samples": samples,
+            "reason": reason,
+            "submitted": time.time(),
+        }
         self.state["jobs"].append(job)
         self._count("jobs", "submitted")
         self.save()
@@ -246,22 +279,28 @@ class Monitor:
 
         mlflow.set_tracking_uri(tracking.tracking_uri(self.cfg.data_dir))
         client = mlflow.MlflowClient()
-        versions = client.search_model_versions(f"name='{self.cfg.registered_model}'", order_by=["version_number DESC"],
-                                                max_results=1)
+        versions = client.search_model_versions(
+            f"name='{self.cfg.registered_model}'", order_by=["version_number DESC"], max_results=1
+        )
         if not versions:
             return {"action": "decision", "error": "no model version found"}
         mv = versions[0]
-        decision = {"job": job["id"], "version": mv.version, "decision": mv.tags.get("segloop.decision", "unknown"),
-                    "reason": mv.tags.get("segloop.reason", ""), "time": time.time()}
+        decision = {
+            "job": job["id"],
+            "version": mv.version,
+            "decision": mv.tags.get("segloop.decision", "unknown"),
+            "reason": mv.tags.get("segloop.reason", ""),
+            "time": time.time(),
+        }
         self.state["decisions"].append(decision)
         self._count("decisions", decision["decision"])
         champion = registry.champion_version(self.cfg.registered_model)
         if self.cfg.switch_serve and champion and decision["decision"] == "promoted":
-            from serve_app.app import redeploy_with_version
+            from monitoring.serving import redeploy_with_version
 
             try:
                 decision["serving"] = redeploy_with_version(self.cfg.registered_model, champion, self.cfg.app_name)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - the decision stands; the switch error is reported with it
                 decision["serve_error"] = str(err)
         return {"action": "decision", **decision}
 
@@ -282,8 +321,12 @@ class Monitor:
         self.store.put_json(STATE_KEY, self.state)
 
     def status(self) -> dict[str, Any]:
-        return {"firing": self.engine.firing(), **{k: self.state[k] for k in ("trained", "capture")},
-                "jobs": self.state["jobs"][-5:], "decisions": self.state["decisions"][-5:]}
+        return {
+            "firing": self.engine.firing(),
+            **{k: self.state[k] for k in ("trained", "capture")},
+            "jobs": self.state["jobs"][-5:],
+            "decisions": self.state["decisions"][-5:],
+        }
 
     async def run(self) -> None:
         """The actor's loop; ``tick`` work is blocking, so it runs in a thread."""
@@ -321,11 +364,12 @@ class _Metrics:
         try:
             from ray.util.metrics import Gauge
 
-            self._alerts = Gauge("segloop_monitor_alerts", "alert state changes so far, by rule and state",
-                                 tag_keys=("rule", "state"))
+            self._alerts = Gauge(
+                "segloop_monitor_alerts", "alert state changes so far, by rule and state", tag_keys=("rule", "state")
+            )
             self._jobs = Gauge("segloop_retrain_jobs", "retraining jobs so far, by status", tag_keys=("status",))
             self._promos = Gauge("segloop_promotions", "champion/challenger decisions so far", tag_keys=("decision",))
-        except Exception:  # outside a Ray worker (unit tests): no metrics
+        except Exception:  # noqa: BLE001 - outside a Ray worker (unit tests): no metrics
             self._alerts = self._jobs = self._promos = None
 
     def publish(self, totals: dict[str, dict[str, int]]) -> None:
@@ -350,8 +394,15 @@ def _dashboard_url() -> str:
 
 
 def _forwarded_env() -> dict[str, str]:
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "SEGLOOP_STORE", "SEGLOOP_S3_ENDPOINT",
-            "SEGLOOP_S3_ACCESS_KEY", "SEGLOOP_S3_SECRET_KEY", "OMP_NUM_THREADS")
+    keys = (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "SEGLOOP_STORE",
+        "SEGLOOP_S3_ENDPOINT",
+        "SEGLOOP_S3_ACCESS_KEY",
+        "SEGLOOP_S3_SECRET_KEY",
+        "OMP_NUM_THREADS",
+    )
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
@@ -375,8 +426,9 @@ def start(config: dict[str, Any], restart: bool = False) -> Any:
     except ValueError:
         pass
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)(MonitorActor)
-    handle = actor_cls.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
-                               runtime_env={"env_vars": _forwarded_env()}).remote(config)
+    handle = actor_cls.options(
+        name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", runtime_env={"env_vars": _forwarded_env()}
+    ).remote(config)
     handle.run.remote()
     return handle
 
@@ -400,10 +452,10 @@ class MonitorActor(Monitor):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import load_config
-    from train.errors import SegloopError, cli_error
+    from segloop.config import load_config
+    from segloop.errors import SegloopError, cli_error
 
-    p = argparse.ArgumentParser(prog="python -m serve_app.monitor", description="segloop's monitoring actor")
+    p = argparse.ArgumentParser(prog="segloop monitor", description="segloop's monitoring actor")
     p.add_argument("command", choices=["start", "status", "stop"])
     p.add_argument("--config", help="YAML with MonitorConfig keys")
     p.add_argument("--restart", action="store_true")

@@ -1,0 +1,191 @@
+"""``segloop queue [--store URL] list|export|simulate|import`` (also ``python -m dataplane.annotation``;
+store from ``--store``, else ``SEGLOOP_STORE``, else ``./.segloop/store``).
+
+Exit codes: 0 ok, 1 store failure, 2 bad input (flags, captures, annotations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from dataplane.annotation.exporter import export
+from dataplane.annotation.formats import FORMATS, read_json
+from dataplane.annotation.importer import import_annotations
+from dataplane.annotation.records import get_capture, iso, list_captures
+from dataplane.annotation.simulate import simulate_annotation, truth_from_dataset
+from dataplane.store import ObjectStore
+from segloop.errors import ConfigError, DatasetError, SegloopError, cli_error
+
+if TYPE_CHECKING:
+    from dataplane.versions import Manifest
+
+
+def _shared_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """``(--store, the capture filters)``, as parents of the subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        help="store URL: a local directory or s3://BUCKET (endpoint from SEGLOOP_S3_ENDPOINT); "
+        "default $SEGLOOP_STORE or ./.segloop/store",
+    )
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--since", help="captured at or after (date or ISO time, UTC)")
+    filters.add_argument("--until", help="captured before (a bare date includes that day)")
+    filters.add_argument("--model-version", help="only captures predicted by this model version")
+    filters.add_argument("--task", choices=("semantic", "instance"))
+    filters.add_argument(
+        "--exclude-dataset",
+        metavar="NAME[@VERSION]",
+        help="leave out captures already annotated into this dataset (default version: latest)",
+    )
+    return common, filters
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common, filters = _shared_parsers()
+    parser = argparse.ArgumentParser(
+        prog="segloop queue",
+        parents=[common],
+        description="Captured samples -> annotation -> new dataset versions.",
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser("list", parents=[common, filters], help="captured samples, most uncertain first")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "export", parents=[common, filters], help="top-N samples with pre-annotations (Label Studio, COCO, trimaps)"
+    )
+    p.add_argument("--top", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-url-prefix", default="images/", help="prefix of data.image in the Label Studio tasks")
+    p = sub.add_parser(
+        "simulate", parents=[common], help="write ground-truth annotations for an export (demo annotator)"
+    )
+    p.add_argument("export_dir")
+    p.add_argument("--truth-root", required=True, help="the generated dataset root the served images came from")
+    p.add_argument("--out", help="default: EXPORT_DIR/annotated")
+    p = sub.add_parser(
+        "import", parents=[common], help="validate corrected annotations and create a new dataset version"
+    )
+    p.add_argument("dataset")
+    p.add_argument("annotations", help="Label Studio JSON export, COCO JSON, or a directory of <id>.png trimaps")
+    p.add_argument("--parent", default="latest", help="parent version (id prefix or 'latest')")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--split", help="default: trainval (semantic) / train (instance)")
+    p.add_argument("--replace", action="store_true", help="allow re-annotating samples already in the parent")
+    p.add_argument("--note", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _exclude(store: ObjectStore, spec: Optional[str]) -> Optional[Manifest]:
+    if not spec:
+        return None
+    from dataplane.versions import get_version
+
+    name, _, version = spec.partition("@")
+    return get_version(store, name, version or "latest")
+
+
+def _cmd_list(store: ObjectStore, args: argparse.Namespace) -> None:
+    recs = list_captures(
+        store,
+        args.since,
+        args.until,
+        args.model_version,
+        task=args.task,
+        exclude=_exclude(store, args.exclude_dataset),
+        limit=args.limit,
+    )
+    if args.json:
+        print(json.dumps([r.summary() for r in recs], indent=1))
+        return
+    for r in recs:
+        ent = f"{r.entropy:.4f}" if r.entropy is not None else "-"
+        conf = f"{r.confidence:.4f}" if r.confidence is not None else "-"
+        print(
+            f"{r.id}  {iso(r.time)}  entropy={ent}  confidence={conf}  "
+            f"model={r.model_name}@{r.model_version}  task={r.task}  {r.width}x{r.height}"
+        )
+    print(f"{len(recs)} capture(s) in {store.describe()}", file=sys.stderr)
+
+
+def _cmd_export(store: ObjectStore, args: argparse.Namespace) -> None:
+    res = export(
+        store,
+        args.out,
+        top=args.top,
+        task=args.task,
+        since=args.since,
+        until=args.until,
+        model_version=args.model_version,
+        exclude=_exclude(store, args.exclude_dataset),
+        image_url_prefix=args.image_url_prefix,
+    )
+    for prob in res.problems:
+        print(f"warning: left out: {prob}", file=sys.stderr)
+    print(
+        f"exported {len(res.records)} {res.task} sample(s) to {res.out_dir}: {res.label_studio.name}, "
+        f"{res.coco.name}" + (", trimaps/" if res.trimaps else "")
+    )
+
+
+def _cmd_simulate(store: ObjectStore, args: argparse.Namespace) -> None:
+    exp = Path(args.export_dir)
+    info = read_json(exp / "export.json")
+    recs = [get_capture(store, c["id"]) for c in info.get("captures", [])]
+    path = simulate_annotation(store, recs, truth_from_dataset(args.truth_root), args.out or exp / "annotated")
+    print(path)
+
+
+def _cmd_import(store: ObjectStore, args: argparse.Namespace) -> None:
+    from dataplane.versions import parse_notes
+
+    m = import_annotations(
+        store,
+        args.dataset,
+        args.parent,
+        args.annotations,
+        fmt=args.format,
+        split=args.split,
+        replace=args.replace,
+        notes=parse_notes(args.note),
+    )
+    added = m.notes.get("import", {}).get("captures", [])
+    print(f"{m.ref}  parent={m.parent}  +{len(added)} sample(s)  files={len(m.files)}")
+
+
+COMMANDS: dict[str, Callable[[ObjectStore, argparse.Namespace], None]] = {
+    "list": _cmd_list,
+    "export": _cmd_export,
+    "simulate": _cmd_simulate,
+    "import": _cmd_import,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point. Exit codes: 0 ok, 1 store failure, 2 bad input."""
+    from dataplane.store import open_store, store_config_from_url
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        url = getattr(args, "store", None) or os.environ.get("SEGLOOP_STORE", "")
+        store = open_store(store_config_from_url(url))
+        COMMANDS[args.cmd](store, args)
+    except (ConfigError, DatasetError) as err:
+        return cli_error(err, 2)
+    except SegloopError as err:
+        return cli_error(err, 1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,405 @@
+"""``make demo``: the whole loop on the embedded default, narrated step by step.
+
+    segloop demo --data-dir .segloop/demo [--size 64 --n 160 --epochs 8] [--stay -1]
+
+Local Ray (dashboard on 127.0.0.1), MLflow on ``<data-dir>/mlflow.db``, the object store in
+``<data-dir>/store``. Steps: generate data -> dataset version -> train v1 (Ray Train) ->
+serve v1 -> normal traffic -> shifted traffic -> the monitoring actor's alert fires and
+switches capture on -> a simulated annotator labels the most uncertain captures from the
+generator's ground truth -> new dataset version -> the actor submits retraining as a Ray
+job -> v2 is compared with v1 on the same held-out data and promoted -> Serve follows the
+alias -> confidence on shifted traffic recovers. Ends with a summary table and the URLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL = "segloop-pets"
+APP = "segloop"
+
+
+def say(step: str, text: str = "") -> None:
+    print(f"\n=== {step} ===" + (f"\n{text}" if text else ""), flush=True)
+
+
+class Traffic:
+    """Sends images to /predict and keeps every outcome (failed requests are counted, never hidden)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.sent = 0
+        self.failed = 0
+
+    def send(self, paths: list[Path], concurrency: int = 4) -> list[dict[str, Any]]:
+        import requests
+
+        def one(p: Path) -> dict[str, Any] | None:
+            try:
+                r = requests.post(self.url + "/predict", data=p.read_bytes(), timeout=120)
+            except requests.RequestException:
+                return None
+            return r.json() if r.status_code == 200 else None
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            out = list(pool.map(one, paths))
+        self.sent += len(out)
+        self.failed += sum(o is None for o in out)
+        return [o for o in out if o is not None]
+
+    def send_bad(self, good: Path) -> list[tuple[int, str]]:
+        """Malformed uploads: each is refused with a status and a named reason (not a failed request)."""
+        import requests
+
+        bodies = [b"", b"this is not an image", good.read_bytes()[:200]]
+        out = []
+        for body in bodies:
+            r = requests.post(self.url + "/predict", data=body, timeout=60)
+            is_json = r.headers.get("content-type", "").startswith("application/json")
+            out.append((r.status_code, r.json().get("reason", "?") if is_json else r.text[:80]))
+        return out
+
+
+def mean(results: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in results) if results else float("nan")
+
+
+def images(root: Path, split: str) -> list[Path]:
+    names = [ln.split()[0] for ln in (root / "annotations" / f"{split}.txt").read_text().splitlines() if ln.strip()]
+    return [root / "images" / f"{n}.jpg" for n in names]
+
+
+def wait_until(pred, timeout_s: float, every_s: float = 2.0, tick=None) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if tick:
+            tick()
+        if pred():
+            return True
+        time.sleep(every_s)
+    return False
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="segloop demo", description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=".segloop/demo", help="wiped and recreated: the demo's own directory")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--n", type=int, default=160, help="default-style training images")
+    p.add_argument("--shift-n", type=int, default=160, help="shifted-style images used as traffic")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--annotate", type=int, default=48, help="top-entropy captures sent to the annotator")
+    p.add_argument("--timeout", type=float, default=900, help="give up waiting for the retraining after this")
+    p.add_argument(
+        "--stay",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="keep Ray, Serve and the monitoring actor up this long after the summary to look around "
+        "in the dashboards (-1: until Ctrl-C); everything stops when the demo exits",
+    )
+    return p.parse_args(argv)
+
+
+@dataclass
+class Demo:
+    """What the steps hand each other."""
+
+    args: argparse.Namespace
+    data: Path
+    store: Any = None
+    pets: Path | None = None
+    shifted: Path | None = None
+    v0: Any = None
+    v1: Any = None
+    dashboard: str = ""
+    url: str = "http://127.0.0.1:8000"
+    traffic: Traffic | None = None
+    monitor: Any = None
+    base_conf: float = float("nan")
+    base_ent: float = float("nan")
+    drift: list[dict] = field(default_factory=list)
+    latest: Any = None
+    champion: str | None = None
+
+    def status(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.monitor.status.remote())
+
+
+def step_data(d: Demo) -> None:
+    from dataplane.versions import create_version
+    from segloop.settings import data_store
+    from train.data.synth import generate_pets
+
+    a = d.args
+    say("1. generate data", f"default-style pets ({a.n}) and shifted-style pets ({a.shift_n}) in {d.data / 'data'}")
+    d.pets = generate_pets(d.data / "data" / "pets", n=a.n, seed=0, size=a.size)
+    d.shifted = generate_pets(d.data / "data" / "pets_shift", n=a.shift_n, seed=1, size=a.size, shift=True)
+    d.store = data_store(d.data)
+    d.v0 = create_version(d.store, "pets", d.pets, "semantic")
+    samples = sum(len(s) for s in d.v0.splits.values())
+    print(f"dataset version pets@{d.v0.version}: {samples} samples, store {d.store.describe()}")
+
+
+def step_ray(d: Demo) -> None:
+    import ray
+
+    from monitoring.actor import NAMESPACE
+
+    say("2. start Ray", "local cluster, dashboard on 127.0.0.1")
+    ctx = ray.init(
+        num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1", namespace=NAMESPACE, log_to_driver=False
+    )
+    d.dashboard = ctx.dashboard_url if ctx.dashboard_url.startswith("http") else f"http://{ctx.dashboard_url}"
+
+
+def step_train(d: Demo) -> Path:
+    """Train v1; returns the config file the monitor's retraining job will use."""
+    from segloop.config import dump_config
+    from train.config import TrainConfig
+    from train.job import run
+
+    a = d.args
+    train_cfg = dict(
+        task="semantic", dataset_version=d.v0.version, dataset_name="pets", image_size=a.size, epochs=a.epochs,
+        batch_size=8, lr=0.01, num_workers=2, patience=0, data_dir=str(d.data), experiment="segloop-demo",
+        registered_model=MODEL,
+    )  # fmt: skip
+    say("3. train v1 with Ray Train (2 workers), track in MLflow, register")
+    d.v1 = run(TrainConfig(**train_cfg))
+    print(f"v{d.v1.model_version}: held-out mIoU {d.v1.holdout['val_miou']:.3f} -> {d.v1.reason}")
+    retrain_yaml = d.data / "retrain.yaml"
+    dump_config(TrainConfig(**train_cfg), retrain_yaml)
+    return retrain_yaml
+
+
+def step_serve(d: Demo) -> None:
+    from monitoring.serving import deploy
+
+    say("4. serve v1 with Ray Serve", "replicas follow models:/segloop-pets@champion (polled every 2 s)")
+    app_args = dict(
+        data_dir=str(d.data), model={"model_uri": f"models:/{MODEL}@champion", "poll_interval_s": 2},
+        model_num_replicas=1, capture={"policy": {"mode": "off"}, "policy_poll_s": 2},
+    )  # fmt: skip
+    deploy(app_args, APP, "/", http_options={"host": "127.0.0.1", "port": 8000})
+    d.traffic = Traffic(d.url)
+
+
+def step_normal_traffic(d: Demo) -> None:
+    say("5. normal traffic", "default-style held-out images")
+    normal = d.traffic.send(images(d.pets, "test") * 2)
+    d.base_conf, d.base_ent = mean(normal, "confidence"), mean(normal, "entropy")
+    print(
+        f"{len(normal)} predictions by v{normal[0]['model_version']}: mean confidence {d.base_conf:.3f}, "
+        f"mean entropy {d.base_ent:.3f}"
+    )
+    refused = d.traffic.send_bad(images(d.pets, "test")[0])
+    print(
+        "bad uploads are refused, each with its reason, and serving goes on: "
+        + ", ".join(f"{code} {reason}" for code, reason in refused)
+    )
+
+
+def step_monitor(d: Demo, retrain_yaml: Path) -> None:
+    from monitoring import actor
+
+    say(
+        "6. the monitoring actor",
+        "rules calibrated on the normal traffic: alert when mean confidence drops "
+        "0.05 below it or mean entropy rises 0.05 above it; on alert capture images more uncertain than normal traffic",
+    )
+    common = {"window_s": 20, "for_s": 4, "hysteresis": 0.02, "cooldown_s": 3600}
+    rules = [
+        {"name": "low_confidence", "signal": "mean_confidence", "op": "<", "threshold": round(d.base_conf - 0.05, 4)},
+        {"name": "high_entropy", "signal": "mean_entropy", "op": ">", "threshold": round(d.base_ent + 0.05, 4)},
+    ]
+    config = {
+        "interval_s": 2, "rules": [{**r, **common} for r in rules], "app_name": APP, "dataset_name": "pets",
+        "capture_on_alert": {"mode": "entropy", "threshold": round(d.base_ent, 4)},
+        "min_new_samples": d.args.annotate, "train_config": str(retrain_yaml), "registered_model": MODEL,
+        "data_dir": str(d.data), "dashboard_url": d.dashboard,
+    }  # fmt: skip
+    d.monitor = actor.start(config, restart=True)
+    time.sleep(6)  # the actor's first read sets its baseline
+
+
+def step_drift(d: Demo) -> list[Path]:
+    """Shifted traffic until the alert fires; returns the shifted images."""
+    from dataplane.capture import write_policy
+
+    say("7. shifted traffic (drift)", "the generator's --shift style: other colours and textures")
+    shift_imgs = images(d.shifted, "trainval") + images(d.shifted, "test")
+    fired = wait_until(
+        lambda: bool(d.status()["firing"]), 180, every_s=1, tick=lambda: d.drift.extend(d.traffic.send(shift_imgs[:24]))
+    )
+    print(
+        f"mean confidence on shifted traffic {mean(d.drift, 'confidence'):.3f} (normal {d.base_conf:.3f}); "
+        f"alert {'FIRED: ' + ', '.join(d.status()['firing']) if fired else 'did not fire'}"
+    )
+    if not fired:
+        write_policy(d.store, {"mode": "entropy", "threshold": round(d.base_ent, 4)})
+        print("(switching capture on by hand so the demo can go on)")
+    print(f"capture policy now: {d.status()['capture']}")
+    return shift_imgs
+
+
+def unique_captures(store: Any) -> list:
+    """Captures, most uncertain first, each image once (the same image sent twice is annotated once)."""
+    from dataplane.annotation import list_captures
+
+    seen: set[str] = set()
+    out = []
+    for c in list_captures(store):
+        sha = c.meta.get("image_sha256")
+        if sha not in seen:
+            seen.add(sha)
+            out.append(c)
+    return out
+
+
+def step_collect(d: Demo, shift_imgs: list[Path]) -> None:
+    from dataplane.annotation import list_captures
+
+    say("8. collect", "shifted traffic continues; uncertain images go to the object store")
+    want = d.args.annotate + 16
+    wait_until(lambda: len(unique_captures(d.store)) >= want, 300, every_s=1, tick=lambda: d.traffic.send(shift_imgs))
+    caps = list_captures(d.store)
+    print(f"{len(caps)} captures; top entropy {caps[0].entropy:.3f}, lowest {caps[-1].entropy:.3f}")
+
+
+def step_annotate(d: Demo) -> None:
+    from dataplane.annotation import import_annotations, simulate_annotation, truth_from_dataset
+    from dataplane.versions import latest_version
+
+    n = d.args.annotate
+    say(
+        "9. annotate and version",
+        f"a simulated annotator labels the top {n} captures (ground truth from the generator); 16 more go to the held-out split",
+    )
+    truth = truth_from_dataset(d.shifted)
+    unique = unique_captures(d.store)
+    test_dir = simulate_annotation(d.store, unique[n : n + 16], truth, d.data / "annot_test")
+    v_test = import_annotations(d.store, "pets", d.v0.version, test_dir, split="test")
+    train_dir = simulate_annotation(d.store, unique[:n], truth, d.data / "annot_train")
+    v_new = import_annotations(d.store, "pets", v_test.version, train_dir, split="trainval")
+    print(
+        f"pets@{v_new.version} (parent {v_new.parent}): {sum(len(s) for s in v_new.splits.values())} samples; "
+        f"latest is {latest_version(d.store, 'pets').version}"
+    )
+
+
+def step_retrain(d: Demo) -> None:
+    say("10. retrain", "the monitoring actor sees >= min_new_samples new samples and submits a Ray job")
+    done = ("SUCCEEDED", "FAILED", "STOPPED")
+    ok = wait_until(lambda: any(j["status"] in done for j in d.status()["jobs"]), d.args.timeout, every_s=5)
+    for j in d.status()["jobs"]:
+        print(f"job {j['id']}: {j['status']} on pets@{j['dataset_version']} ({j['reason']})")
+    if not ok:
+        print("the retraining job did not finish in time; see the Ray dashboard")
+
+
+def step_promote(d: Demo) -> None:
+    import mlflow
+    import requests
+
+    from segloop.settings import tracking_uri
+    from train import registry
+
+    say("11. promote and switch")
+    mlflow.set_tracking_uri(tracking_uri(d.data))
+    d.champion = registry.champion_version(MODEL)
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{MODEL}'")
+    d.latest = max(versions, key=lambda m: int(m.version))
+    print(f"v{d.latest.version}: {d.latest.tags.get('segloop.decision')} — {d.latest.tags.get('segloop.reason')}")
+
+    def served() -> str | None:
+        return requests.get(d.url + "/model", timeout=30).json().get("version")
+
+    switched = wait_until(lambda: served() == d.champion, 60)
+    print(f"Serve answers with v{served()} (champion v{d.champion})" + ("" if switched else " — not switched yet"))
+
+
+def step_summary(d: Demo, t_start: float) -> None:
+    import ray
+
+    from segloop.settings import tracking_uri
+
+    say("12. shifted traffic after retraining")
+    after = d.traffic.send(images(d.shifted, "test"))
+    before = d.drift[: len(after)]
+    ray.get(d.monitor.stop.remote())
+
+    say("summary")
+    tags = d.latest.tags
+    rows = [
+        (
+            "held-out score (same data)",
+            tags.get("segloop.champion_score", "-"),
+            tags.get("segloop.challenger_score", "-"),
+        ),
+        ("mean confidence, shifted traffic", f"{mean(before, 'confidence'):.3f}", f"{mean(after, 'confidence'):.3f}"),
+        ("mean entropy, shifted traffic", f"{mean(before, 'entropy'):.3f}", f"{mean(after, 'entropy'):.3f}"),
+    ]
+    print(f"| | v{d.v1.model_version} | v{d.latest.version} |\n| --- | ---: | ---: |")
+    for name, a, b in rows:
+        print(f"| {name} | {a} | {b} |")
+    print(
+        f"\nrequests served: {d.traffic.sent}, failed requests: {d.traffic.failed}, "
+        f"champion: v{d.champion}, wall time {time.time() - t_start:.0f}s"
+    )
+    print(
+        f"Ray dashboard: {d.dashboard}\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri(d.data)} "
+        f"--host 127.0.0.1  (then http://127.0.0.1:5000)\nServe: {d.url}/predict"
+    )
+
+
+def stay(seconds: float) -> None:
+    if not seconds:
+        print("(the demo's Ray cluster stops now; `--stay -1` keeps it up until Ctrl-C)")
+        return
+    print("staying up " + ("until Ctrl-C" if seconds < 0 else f"for {seconds:.0f}s") + "; then Ray stops", flush=True)
+    try:
+        time.sleep(seconds if seconds >= 0 else 10**9)
+    except KeyboardInterrupt:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    data = Path(args.data_dir).resolve()
+    if data.exists():
+        shutil.rmtree(data)
+    data.mkdir(parents=True)
+    os.environ["SEGLOOP_STORE"] = str(data / "store")  # the retraining job (another process) finds the same store
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    d = Demo(args, data)
+    step_data(d)
+    step_ray(d)
+    retrain_yaml = step_train(d)
+    step_serve(d)
+    step_normal_traffic(d)
+    step_monitor(d, retrain_yaml)
+    shift_imgs = step_drift(d)
+    step_collect(d, shift_imgs)
+    step_annotate(d)
+    step_retrain(d)
+    step_promote(d)
+    step_summary(d, t_start)
+    stay(args.stay)
+    return 0 if d.traffic.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,12 +9,13 @@ DATA   ?= .segloop
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: help install system-deps demo lint test test-fast prometheus bench clean
+.PHONY: help install system-deps demo lint test test-long test-fast prometheus bench clean
 
 help:
 	@echo "make demo   - install and run the whole loop locally (data, train, serve, monitor, retrain, promote)"
 	@echo "make test   - install and run the test suite"
 	@echo "make test-fast - tests without those marked slow"
+	@echo "make test-long - the long tests (the COCO config's Mask R-CNN run, ~7 min)"
 	@echo "make lint   - ruff lint and format check (make test runs it first)"
 	@echo "make prometheus - run Prometheus against the local Ray cluster (monitoring/prometheus.yml)"
 	@echo "make bench  - run the benchmarks in bench/"
@@ -46,6 +47,10 @@ lint: $(STAMP)
 
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests marked `long` (over the CI budget on 2 cores: the COCO config's Mask R-CNN run).
+test-long: install
+	SEGLOOP_LONG_TESTS=1 $(PY) -m pytest -m long $(PYTEST_ARGS)
 
 test-fast: install lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

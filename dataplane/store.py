@@ -34,7 +34,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -648,3 +648,15 @@ def store_from_env(env: Optional[Mapping[str, str]] = None) -> ObjectStore:
     """The store named by SEGLOOP_STORE (local path or s3://bucket), default ./.segloop/store."""
     env = os.environ if env is None else env
     return open_store(store_config_from_url(env.get("SEGLOOP_STORE", ""), env), env)
+
+
+def run_store_command(url: Optional[str], command: Callable[[ObjectStore], Any]) -> int:
+    """What the ``segloop queue`` / ``segloop versions`` subcommands share: open the store
+    (``--store``, else SEGLOOP_STORE, else the default), run, map errors to exit codes."""
+    from segloop.errors import SegloopError, cli_error
+
+    try:
+        command(open_store(store_config_from_url(url or os.environ.get("SEGLOOP_STORE", ""))))
+    except SegloopError as err:
+        return cli_error(err)
+    return 0

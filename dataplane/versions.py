@@ -48,7 +48,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from dataplane.store import ObjectNotFound, ObjectStore, blob_key, check_key, manifest_key
-from segloop.errors import ConfigError, DatasetError, SegloopError, StoreError, cli_error
+from segloop.errors import ConfigError, DatasetError, StoreError
 
 FORMAT = 1
 VERSION_LEN = 16
@@ -1047,18 +1047,10 @@ COMMANDS: dict[str, Callable[[ObjectStore, argparse.Namespace], None]] = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point. Exit codes: 0 ok, 1 store/integrity failure, 2 bad input."""
-    from dataplane.store import open_store, store_config_from_url
+    from dataplane.store import run_store_command
 
     args = _build_parser().parse_args(argv)
-    try:
-        url = getattr(args, "store", None) or os.environ.get("SEGLOOP_STORE", "")
-        store = open_store(store_config_from_url(url))
-        COMMANDS[args.cmd](store, args)
-    except (ConfigError, DatasetError) as err:
-        return cli_error(err, 2)
-    except SegloopError as err:
-        return cli_error(err, 1)
-    return 0
+    return run_store_command(getattr(args, "store", None), lambda store: COMMANDS[args.cmd](store, args))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "own_ray_cluster: starts its own Ray cluster in a subprocess; runs first")
+    config.addinivalue_line(
+        "markers", "long: over the CI time budget on 2 cores (6+ min); runs with SEGLOOP_LONG_TESTS=1 (make test-long)"
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("long") and os.environ.get("SEGLOOP_LONG_TESTS") != "1":
+        pytest.skip("long test: set SEGLOOP_LONG_TESTS=1 (make test-long) to run it")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

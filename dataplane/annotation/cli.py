@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +20,6 @@ from dataplane.annotation.importer import import_annotations
 from dataplane.annotation.records import get_capture, iso, list_captures
 from dataplane.annotation.simulate import simulate_annotation, truth_from_dataset
 from dataplane.store import ObjectStore
-from segloop.errors import ConfigError, DatasetError, SegloopError, cli_error
 
 if TYPE_CHECKING:
     from dataplane.versions import Manifest
@@ -172,19 +170,11 @@ COMMANDS: dict[str, Callable[[ObjectStore, argparse.Namespace], None]] = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point. Exit codes: 0 ok, 1 store failure, 2 bad input."""
-    from dataplane.store import open_store, store_config_from_url
+    from dataplane.store import run_store_command
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        url = getattr(args, "store", None) or os.environ.get("SEGLOOP_STORE", "")
-        store = open_store(store_config_from_url(url))
-        COMMANDS[args.cmd](store, args)
-    except (ConfigError, DatasetError) as err:
-        return cli_error(err, 2)
-    except SegloopError as err:
-        return cli_error(err, 1)
-    return 0
+    return run_store_command(getattr(args, "store", None), lambda store: COMMANDS[args.cmd](store, args))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def ray_loop(cfg, root: Path, workers: int, cpus_per_worker: float) -> float:
 
     c = cfg.model_copy(update={"num_workers": workers, "cpus_per_worker": cpus_per_worker})
     loop_config = c.model_dump(mode="json") | {
-        "dataset_path": str(root),
+        "dataset_source": {"name": "bench", "path": str(root)},
         "mlflow_run_id": None,
         "mlflow_tracking_uri": None,
         "num_classes": 3,

@@ -179,8 +179,9 @@ class ObjectStore(abc.ABC):
         """A URL-ish description for logs and error messages (never holds secrets)."""
 
     @abc.abstractmethod
-    def ping(self) -> None:
-        """Raise StoreError when the store cannot be used right now."""
+    def ping(self, *, require_bucket: bool = False) -> None:
+        """Raise StoreError when the store cannot be used right now (``require_bucket``: an S3
+        bucket that does not exist yet counts, instead of being created on first write)."""
 
     def url_for(self, key: str) -> str:
         """A URL naming ``key`` in this store (for lineage records; no secrets)."""
@@ -230,7 +231,7 @@ class LocalStore(ObjectStore):
     def url_for(self, key: str) -> str:
         return self._path(key).as_uri()
 
-    def ping(self) -> None:
+    def ping(self, *, require_bucket: bool = False) -> None:
         if not self.root.is_dir():
             raise StoreError(f"local store {self.root} does not exist or is not a directory")
         if not os.access(self.root, os.W_OK | os.X_OK):
@@ -441,9 +442,14 @@ class S3Store(ObjectStore):
     def url_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{check_key(key)}"
 
-    def ping(self) -> None:
+    def ping(self, *, require_bucket: bool = False) -> None:
         with self._errors("ping"):
-            self._client.bucket_exists(self.bucket)
+            found = self._client.bucket_exists(self.bucket)
+        if require_bucket and not found:
+            raise StoreError(
+                f"S3 store {self.endpoint}: bucket {self.bucket!r} does not exist; "
+                "create it (e.g. `mc mb`) or fix SEGLOOP_STORE"
+            )
 
     def put_bytes(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
         check_key(key)

@@ -414,9 +414,19 @@ def _quote(s: str) -> str:
 
 # ----------------------------------------------------------------------------- Ray actor + CLI
 def start(config: dict[str, Any], restart: bool = False) -> Any:
-    """Start (or find) the detached named actor and its loop; returns the handle."""
+    """Start (or find) the detached named actor and its loop; returns the handle.
+
+    On a multi-node cluster a local-directory store is refused here, before the actor starts
+    (its state, the capture policy and the dataset versions must be where every node looks).
+    """
     import ray
 
+    from dataplane.store import StoreConfig
+    from segloop.settings import require_shared_services, store_config
+
+    cfg = MonitorConfig.model_validate(config)
+    store = StoreConfig.model_validate(cfg.store) if cfg.store else store_config(cfg.data_dir)
+    require_shared_services(store=store, tracking=None, what="monitoring")
     try:
         handle = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
         if not restart:
@@ -425,7 +435,15 @@ def start(config: dict[str, Any], restart: bool = False) -> Any:
         time.sleep(1)
     except ValueError:
         pass
-    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)(MonitorActor)
+    # On the head node: it holds no CPUs and reaches the Jobs API where the dashboard is bound
+    # (127.0.0.1 by default); it is restarted there when it dies.
+    actor_cls = ray.remote(
+        num_cpus=0,
+        resources={"node:__internal_head__": 0.001},
+        max_restarts=-1,
+        max_task_retries=0,
+        max_concurrency=4,
+    )(MonitorActor)
     handle = actor_cls.options(
         name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", runtime_env={"env_vars": _forwarded_env()}
     ).remote(config)
@@ -460,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML with MonitorConfig keys")
     p.add_argument("--restart", action="store_true")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before or after --config
     import ray
 
     ctx = ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE)

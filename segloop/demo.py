@@ -110,6 +110,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @dataclass
+class DemoFailed(RuntimeError):
+    """A step of the loop did not do what it should; the demo stops and says which."""
+
+
 class Demo:
     """What the steps hand each other."""
 
@@ -302,10 +306,18 @@ def step_retrain(d: Demo) -> None:
     say("10. retrain", "the monitoring actor sees >= min_new_samples new samples and submits a Ray job")
     done = ("SUCCEEDED", "FAILED", "STOPPED")
     ok = wait_until(lambda: any(j["status"] in done for j in d.status()["jobs"]), d.args.timeout, every_s=5)
-    for j in d.status()["jobs"]:
+    jobs = d.status()["jobs"]
+    for j in jobs:
         print(f"job {j['id']}: {j['status']} on pets@{j['dataset_version']} ({j['reason']})")
     if not ok:
-        print("the retraining job did not finish in time; see the Ray dashboard")
+        raise DemoFailed(f"the retraining job did not finish in {d.args.timeout:g} s; see {d.dashboard}")
+    finished = next(j for j in jobs if j["status"] in done)
+    if finished["status"] != "SUCCEEDED":
+        from ray.job_submission import JobSubmissionClient
+
+        tail = JobSubmissionClient(d.dashboard).get_job_logs(finished["id"]).splitlines()[-25:]
+        print("\n".join(f"  | {line}" for line in tail))
+        raise DemoFailed(f"retraining job {finished['id']} {finished['status']} (its log's end is above)")
 
 
 def step_promote(d: Demo) -> None:
@@ -394,7 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     shift_imgs = step_drift(d)
     step_collect(d, shift_imgs)
     step_annotate(d)
-    step_retrain(d)
+    try:
+        step_retrain(d)
+    except DemoFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     step_promote(d)
     step_summary(d, t_start)
     stay(args.stay)

@@ -53,9 +53,90 @@ def tracking_uri(data_dir: str | Path) -> str:
 
 
 def artifact_root(data_dir: str | Path) -> str | None:
-    """Artifact location for new experiments in the embedded default (None: the server decides)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    """Artifact location for new experiments: ``mlartifacts`` beside a local SQLite file (the
+    embedded default, or ``MLFLOW_TRACKING_URI=sqlite:///...``); None for a server (it decides)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and not env.startswith("sqlite:///"):
         return None
-    d = Path(data_dir).resolve() / "mlartifacts"
+    d = Path(env.removeprefix("sqlite:///")).resolve().parent if env else Path(data_dir).resolve()
+    d = d / "mlartifacts"
     d.mkdir(parents=True, exist_ok=True)
     return d.as_uri()
+
+
+# ----------------------------------------------------------------------------- cluster profile
+def node_cache_dir(env: Optional[Mapping[str, str]] = None) -> Path:
+    """This node's own scratch space (materialised dataset versions): ``SEGLOOP_CACHE_DIR``, else
+    ``<tmp>/segloop-<uid>``. Never shared between nodes, never where results are kept."""
+    env = os.environ if env is None else env
+    if env.get("SEGLOOP_CACHE_DIR"):
+        return Path(env["SEGLOOP_CACHE_DIR"]).expanduser().absolute()
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"segloop-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+def is_local_tracking(uri: str) -> bool:
+    """Whether an MLflow tracking URI names a file on this machine (SQLite, ``file:``, a bare path)."""
+    u = uri.strip().lower()
+    if u.startswith(("sqlite:", "file:")):
+        return True
+    return "://" not in u and not u.startswith("databricks")
+
+
+def cluster_shape() -> tuple[int, float]:
+    """``(alive nodes, CPUs of the head node)`` of the connected Ray cluster."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    head = next((n for n in nodes if n.get("Resources", {}).get("node:__internal_head__")), None)
+    return len(nodes), float((head or {}).get("Resources", {}).get("CPU", 0.0)) if head else 0.0
+
+
+def shared_service_problems(
+    store: Optional[StoreConfig], tracking: Optional[str], *, dataset_dir: Optional[str] = None
+) -> list[str]:
+    """What in this profile lives on one machine's disk (so other nodes cannot see it); None: unused."""
+    problems = []
+    if store is not None and store.kind == "local":
+        problems.append(
+            f"the object store is a local directory ({store.root}): set SEGLOOP_STORE=s3://<bucket> and "
+            "SEGLOOP_S3_ENDPOINT=<host:port> (MinIO/S3; credentials in SEGLOOP_S3_ACCESS_KEY/SECRET_KEY)"
+        )
+    if tracking is not None and is_local_tracking(tracking):
+        problems.append(
+            f"MLflow tracks into a local file ({tracking}): set MLFLOW_TRACKING_URI=http://<mlflow-server>:5000"
+        )
+    if dataset_dir is not None:
+        problems.append(
+            f"the dataset is a local directory ({dataset_dir}): create a dataset version "
+            "(`segloop versions create`) and train with dataset_version=<id>"
+        )
+    return problems
+
+
+def require_shared_services(
+    *,
+    store: Optional[StoreConfig],
+    tracking: Optional[str],
+    dataset_dir: Optional[str] = None,
+    what: str = "run",
+) -> None:
+    """Fail before any work when the connected Ray cluster spans nodes but a shared thing is local.
+
+    A cluster counts as multi-node when more than one node is alive or when the head offers no
+    CPUs (KubeRay's ``num-cpus: 0``: all work runs on nodes that may not have joined yet).
+    Ray Train checkpoints follow the object store, so the store setting covers them too.
+    """
+    from segloop.errors import ConfigError
+
+    nodes, head_cpus = cluster_shape()
+    if nodes <= 1 and head_cpus > 0:
+        return
+    problems = shared_service_problems(store, tracking, dataset_dir=dataset_dir)
+    if problems:
+        shape = f"{nodes} nodes" if nodes > 1 else "a head node with no CPUs"
+        raise ConfigError(
+            f"this Ray cluster has {shape}, so each {what} step may run on another machine, "
+            "but a one-machine default is in use:\n  - " + "\n  - ".join(problems)
+        )

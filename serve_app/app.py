@@ -26,7 +26,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from segloop.settings import store_config_dict
+from segloop.settings import require_shared_services, store_config, store_config_dict
 from serve_app.config import AppArgs
 from serve_app.imaging import STATUS, ImageLimits, ImageRejected, check_body_size, multipart_file
 from serve_app.metrics import ingress_metrics
@@ -168,11 +168,22 @@ class SegIngress:
 # ----------------------------------------------------------------------------- builder
 
 
+def check_shared(args: AppArgs, settings: Any) -> None:
+    """On a multi-node cluster, replicas on other machines must find the model and the store."""
+    from dataplane.store import StoreConfig
+
+    capture, store = args.capture, None
+    if capture is not None:  # the policy in the store can switch capture on at any time
+        store = StoreConfig.model_validate(capture.store) if capture.store else store_config(args.data_dir)
+    require_shared_services(store=store, tracking=settings.mlflow_tracking_uri, what="serving")
+
+
 def build_app(args: AppArgs) -> Application:
     """Typed application builder (``import_path: serve_app.app:build_app``)."""
     if isinstance(args, dict):  # called directly from Python with a dict
         args = AppArgs.model_validate(args)
     settings = args.resolved_model_settings()
+    check_shared(args, settings)
     model_options: dict[str, Any] = {
         "user_config": settings.model_dump(mode="json"),
         "max_ongoing_requests": args.model_max_ongoing_requests,

@@ -15,10 +15,17 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Token authentication, as Ray 2.60 turns on for local clusters, set before Ray is first imported:
+# Ray reads the mode once per process, and a driver joining a cluster it did not start
+# (tests/test_multinode.py) only sends the token when the variable says so.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "own_ray_cluster: starts its own Ray cluster in a subprocess; runs first")
+    config.addinivalue_line(
+        "markers", "multinode: a real two-node Ray cluster whose second node shares no disk (root, unshare)"
+    )
     config.addinivalue_line(
         "markers", "long: over the CI time budget on 2 cores (6+ min); runs with SEGLOOP_LONG_TESTS=1 (make test-long)"
     )

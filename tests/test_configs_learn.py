@@ -62,7 +62,7 @@ def test_coco_config_learns_shortened(ray_cluster, tmp_path: Path, data_dir: Pat
     torch.manual_seed(0)
     untrained = evaluate_on_holdout(
         cfg.model_dump(mode="json"),
-        str(root),
+        {"name": "pets", "path": str(root)},  # a train.run.DatasetSource
         build_model(cfg.model, num_classes, **cfg.model_kwargs).state_dict(),
         num_classes,
         class_names,

@@ -140,12 +140,20 @@ def test_pets_train_track_register_promote_rollback(
     mlflow_warnings = [str(w.message) for w in caught if "mlflow" in w.filename.replace("\\", "/")]
     for text in [*mlflow_warnings, out]:
         assert "cloudpickle" not in text.lower() and "type hint" not in text.lower(), text[-2000:]
+    # the finished run's Train controller does not live on in the driver (idle worker processes)
+    from ray.util.state import list_actors
+
+    alive = [("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]
+    deadline = time.time() + 30
+    while list_actors(filters=alive) and time.time() < deadline:
+        time.sleep(1)
+    assert not list_actors(filters=alive)
 
     # learned something: clearly better than the same architecture untrained, on held-out data
     torch.manual_seed(0)
     untrained = evaluate_on_holdout(
         cfg.model_dump(mode="json"),
-        str(pets_root),
+        {"name": "pets", "path": str(pets_root)},  # a train.run.DatasetSource
         build_model(cfg.model, 3).state_dict(),
         3,
         ["background", "pet", "border"],

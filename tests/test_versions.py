@@ -153,8 +153,8 @@ class RecordingStore(ObjectStore):
     def describe(self):
         return self.inner.describe()
 
-    def ping(self):
-        self.inner.ping()
+    def ping(self, *, require_bucket=False):
+        self.inner.ping(require_bucket=require_bucket)
 
     def url_for(self, key):
         return self.inner.url_for(key)

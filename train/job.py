@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from train.config import TrainConfig
-from train.run import RunContext, fit, make_trainer, prepare, ray_results_dir
+from train.run import DatasetSource, RunContext, fit, make_trainer, prepare, run_storage
 
 
 @dataclass
@@ -45,11 +45,17 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate_on_holdout(
-    cfg_dict: dict, root: str, state: Any, num_classes: int, class_names: list[str], with_curves: bool = True
+    cfg_dict: dict,
+    source: dict[str, Any],
+    state: Any,
+    num_classes: int,
+    class_names: list[str],
+    with_curves: bool = True,
 ) -> dict[str, Any]:
     """Score one set of weights on the held-out split; returns metrics + plot material.
 
-    ``state`` is a state_dict or ``("registry", name, version, tracking_uri)``; runs as a Ray task.
+    ``state`` is a state_dict or ``("registry", name, version, tracking_uri)``; runs as a Ray
+    task on any node, which materialises the dataset (``source``, a :class:`DatasetSource` dict).
     """
     import torch
 
@@ -70,7 +76,7 @@ def evaluate_on_holdout(
         model = build_model(cfg.model, num_classes, **cfg.model_kwargs)
         model.load_state_dict(state)
     model.to(device).eval()
-    ds = holdout_dataset(cfg, Path(root))
+    ds = holdout_dataset(cfg, DatasetSource(**source).local_path())
     loader = make_loader(ds, cfg, shuffle=False, task=cfg.task)
     amp = cfg.amp and device.type == "cuda"
     if cfg.task == "semantic":
@@ -218,7 +224,7 @@ def score_on_holdout(cfg: TrainConfig, ctx: RunContext, weights: dict[str, Any])
         evaluate_on_holdout,
         ctx.use_gpu,
         cfg.model_dump(mode="json"),
-        str(ctx.root),
+        asdict(ctx.source),
         weights,
         ctx.num_classes,
         ctx.class_names,
@@ -241,7 +247,7 @@ def score_champion(cfg: TrainConfig, ctx: RunContext, version: str) -> float:
         evaluate_on_holdout,
         ctx.use_gpu,
         cfg.model_dump(mode="json"),
-        str(ctx.root),
+        asdict(ctx.source),
         ("registry", cfg.registered_model, version, mlflow.get_tracking_uri()),
         ctx.num_classes,
         ctx.class_names,
@@ -302,7 +308,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     run_id = start_mlflow_run(cfg, ctx, run_name)
     try:
         trainer = make_trainer(
-            cfg, ctx, run_id=run_id, name=run_name, storage_path=ray_results_dir(cfg.data_dir), metric=cfg.metric
+            cfg, ctx, run_id=run_id, name=run_name, storage=run_storage(cfg.data_dir), metric=cfg.metric
         )
         result = fit(trainer)
         state, best_metrics, history = best_checkpoint(result, cfg.metric)

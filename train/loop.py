@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -250,7 +251,13 @@ def setup_worker(cfg: TrainConfig, extras: dict[str, Any]) -> Worker:
     seed_everything(cfg.seed + rank)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # the CPUs this worker reserved
     device = ray.train.torch.get_device()
-    train_ds, val_ds, info = build_datasets(cfg, Path(extras["dataset_path"]))
+    from train.run import DatasetSource
+
+    root = DatasetSource(**extras["dataset_source"]).local_path()
+    say(
+        f"worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()} ({socket.gethostname()}): data {root}"
+    )
+    train_ds, val_ds, info = build_datasets(cfg, root)
     num_classes = extras["num_classes"]
     model = build_model(
         cfg.model,
@@ -375,7 +382,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     extras = {
-        k: config.pop(k) for k in ("dataset_path", "mlflow_run_id", "mlflow_tracking_uri", "num_classes", "class_names")
+        k: config.pop(k)
+        for k in ("dataset_source", "mlflow_run_id", "mlflow_tracking_uri", "num_classes", "class_names")
     }
     cfg = TrainConfig.model_validate(config)
     quiet_ray_train_console()

@@ -6,16 +6,21 @@ opens, MLflow answers, the Ray cluster has the CPUs/GPUs — and returns a :clas
 :func:`make_trainer` builds the ``TorchTrainer`` around ``train.loop.train_loop_per_worker``
 from a config, that context and the MLflow run the workers log into.
 
-Where things live (MLflow store, object store) is :mod:`segloop.settings`'s; Ray Train
-results go to ``<data_dir>/ray_results``.
+Nothing here assumes a shared filesystem. Workers and evaluation tasks get a
+:class:`DatasetSource` and materialise the dataset version on their own node; Ray Train's
+checkpoints go where the object store is (``s3://<bucket>/ray_results`` with an S3 store,
+``<data_dir>/ray_results`` with the embedded local one). Where things live is
+:mod:`segloop.settings`'s; on a multi-node cluster preflight refuses the one-machine defaults.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +34,39 @@ RAY_TRAIN_CONSOLE_LOG_LEVEL = "WARNING"
 
 
 @dataclass(frozen=True)
+class DatasetSource:
+    """How a process on any node gets the run's data.
+
+    A dataset version is downloaded by each process from the object store into its own node's
+    cache (:func:`segloop.settings.node_cache_dir`), every blob's hash checked; the store
+    config travels, the credentials come from that node's environment. A plain directory
+    (``dataset:``) is only for one-node runs (preflight refuses it on a multi-node cluster).
+    """
+
+    name: str
+    version: str | None = None
+    store: dict[str, Any] | None = None
+    path: str | None = None
+
+    def local_path(self) -> Path:
+        """The data on this node (materialised here when it is a version)."""
+        if self.version is None:
+            return Path(self.path or ".")
+        from dataplane.store import open_store
+        from dataplane.versions import get_version, materialize
+        from segloop.settings import node_cache_dir
+
+        store = open_store(self.store)
+        manifest = get_version(store, self.name, self.version)
+        return Path(materialize(store, manifest, node_cache_dir() / "datasets" / self.name / self.version))
+
+
+@dataclass(frozen=True)
 class RunContext:
     """What preflight found out; the same for every trial of a search."""
 
-    root: Path  # local dataset directory
+    root: Path  # the dataset on the driver's node (preflight, the model's input example)
+    source: DatasetSource  # the dataset for workers and evaluation tasks on any node
     dataset: dict[str, str]  # MLflow identity: name, version, digest, source
     num_classes: int
     class_names: list[str]
@@ -43,7 +77,7 @@ class RunContext:
     def loop_config(self, cfg: TrainConfig, run_id: str | None) -> dict[str, Any]:
         """``train_loop_per_worker``'s config: the TrainConfig plus what preflight resolved."""
         return cfg.model_dump(mode="json") | {
-            "dataset_path": str(self.root),
+            "dataset_source": asdict(self.source),
             "mlflow_run_id": run_id,
             "mlflow_tracking_uri": self.tracking_uri,
             "num_classes": self.num_classes,
@@ -61,17 +95,25 @@ class RunContext:
 
 # ----------------------------------------------------------------------------- preflight
 def prepare(cfg: TrainConfig) -> RunContext:
-    """Preflight: model/task, dataset and splits, MLflow, Ray resources; fails fast and clearly."""
+    """Preflight: model/task, dataset and splits, MLflow, shared services, Ray resources; fails
+    fast and clearly (what needs no cluster is checked before connecting to one)."""
+    from segloop.settings import require_shared_services, store_config
     from train import tracking
 
     check_model_task(cfg)
-    root, ds_info = resolve_dataset(cfg)
+    root, source, ds_info = resolve_dataset(cfg)
     num_classes, class_names = dataset_classes(cfg, root)
     uri, exp_id = tracking.setup(cfg.data_dir, cfg.experiment)
     connect_ray()
+    require_shared_services(
+        store=store_config(cfg.data_dir),
+        tracking=uri,
+        dataset_dir=None if cfg.dataset_version else str(root),
+        what="training",
+    )
     use_gpu = want_gpu(cfg)
     check_resources(cfg, use_gpu)
-    return RunContext(root, ds_info, num_classes, class_names, uri, exp_id, use_gpu)
+    return RunContext(root, source, ds_info, num_classes, class_names, uri, exp_id, use_gpu)
 
 
 def check_model_task(cfg: TrainConfig) -> None:
@@ -91,25 +133,35 @@ def local_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_dataset(cfg: TrainConfig) -> tuple[Path, dict[str, str]]:
-    """Local path of the training data and its MLflow identity (name, version, digest, source).
+def resolve_dataset(cfg: TrainConfig) -> tuple[Path, DatasetSource, dict[str, str]]:
+    """The data on the driver's node, the source workers use, and its MLflow identity.
 
-    A ``dataset_version`` is materialised from the object store (hashes verified) under
-    ``<data_dir>/datasets``; a plain directory is digested in place.
+    A ``dataset_version`` (an id or unique prefix) is resolved to its full id and materialised
+    from the object store (hashes verified) under ``<data_dir>/datasets``; a plain directory
+    is digested in place.
     """
     if cfg.dataset_version:
         from dataplane.versions import get_version, materialize, mlflow_dataset_info
-        from segloop.settings import data_store
+        from segloop.settings import data_store, store_config_dict
 
         store = data_store(cfg.data_dir)
+        store.ping(require_bucket=True)  # an unreachable endpoint or a missing bucket: say so now
         manifest = get_version(store, cfg.dataset_name, cfg.dataset_version)
         info = mlflow_dataset_info(manifest)
         out = Path(cfg.data_dir).resolve() / "datasets" / cfg.dataset_name / info["version"]
-        return Path(materialize(store, manifest, out)), info
+        source = DatasetSource(cfg.dataset_name, info["version"], store_config_dict(cfg.data_dir))
+        return Path(materialize(store, manifest, out)), source, info
     root = Path(cfg.dataset).expanduser().resolve()
     if not root.is_dir():
-        raise DatasetError(f"dataset directory {root} does not exist (config key `dataset`)")
-    return root, {"name": cfg.dataset_name, "version": "local", "digest": local_digest(root), "source": root.as_uri()}
+        hint = ""
+        if "working_dir_files" in root.parts:  # Ray unpacks a job's --working-dir there
+            hint = (
+                "; in a Ray job a relative path resolves inside the uploaded working directory, which "
+                "leaves out git-ignored data: use dataset_version=<id> (segloop versions create) or an absolute path"
+            )
+        raise DatasetError(f"dataset directory {root} does not exist (config key `dataset`){hint}")
+    info = {"name": cfg.dataset_name, "version": "local", "digest": local_digest(root), "source": root.as_uri()}
+    return root, DatasetSource(cfg.dataset_name, path=str(root)), info
 
 
 def dataset_classes(cfg: TrainConfig, root: Path) -> tuple[int, list[str]]:
@@ -159,9 +211,43 @@ def check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- the trainer
-def ray_results_dir(data_dir: str | Path) -> Path:
-    """Where Ray Train keeps runs and checkpoints (a run name there resumes)."""
-    return Path(data_dir).resolve() / "ray_results"
+@dataclass(frozen=True)
+class RunStorage:
+    """Where Ray Train keeps runs and checkpoints (the same name there resumes)."""
+
+    path: str  # a local directory, or ``<bucket>/ray_results`` on ``filesystem``
+    filesystem: Any = None  # pyarrow.fs.S3FileSystem for an S3 store, None for a local path
+
+    def __str__(self) -> str:
+        return f"s3://{self.path}" if self.filesystem is not None else self.path
+
+
+def run_storage(data_dir: str | Path) -> RunStorage:
+    """Checkpoints go where the object store is: ``s3://<bucket>/ray_results`` (any node reads
+    them: resumed workers, the promotion step) or ``<data_dir>/ray_results`` with a local store."""
+    from segloop.settings import store_config
+
+    cfg = store_config(data_dir)
+    if cfg.kind != "s3":
+        return RunStorage(str(Path(data_dir).resolve() / "ray_results"))
+    import pyarrow.fs
+
+    from dataplane.store import s3_credentials
+
+    access, secret = s3_credentials()
+    if not access:
+        raise ConfigError(f"no S3 credentials for {cfg.endpoint}: set SEGLOOP_S3_ACCESS_KEY/SEGLOOP_S3_SECRET_KEY")
+    endpoint = (cfg.endpoint or "").split("://", 1)[-1]
+    fs = pyarrow.fs.S3FileSystem(
+        access_key=access,
+        secret_key=secret,
+        endpoint_override=endpoint,
+        scheme="https" if cfg.secure else "http",
+        region=cfg.region or "us-east-1",
+        connect_timeout=cfg.timeout,
+        request_timeout=max(cfg.timeout, 30.0),
+    )
+    return RunStorage(f"{cfg.bucket}/ray_results", fs)
 
 
 def make_trainer(
@@ -170,14 +256,14 @@ def make_trainer(
     *,
     run_id: str | None,
     name: str,
-    storage_path: str | Path,
+    storage: RunStorage,
     metric: str | None = None,
     mode: str = "max",
     callbacks: Sequence[Any] = (),
 ) -> Any:
     """A ``TorchTrainer`` running ``train_loop_per_worker`` for ``cfg`` into MLflow run ``run_id``.
 
-    The same ``(storage_path, name)`` again resumes from that run's latest checkpoint. Train
+    The same ``(storage, name)`` again resumes from that run's latest checkpoint. Train
     keeps ``cfg.checkpoints_to_keep`` checkpoints, the best by ``metric`` (default: the
     config's validation metric) in ``mode``; workers are retried ``cfg.max_failures`` times.
     """
@@ -194,7 +280,8 @@ def make_trainer(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage_path),
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.checkpoints_to_keep,
                 checkpoint_score_attribute=metric or cfg.metric,
@@ -208,8 +295,21 @@ def make_trainer(
 
 
 def fit(trainer: Any) -> Any:
-    """Run the trainer; a failed run raises its error."""
-    result = trainer.fit()
+    """Run the trainer; a failed run raises its error.
+
+    ``TorchTrainer.fit`` installs a SIGINT handler (Ctrl-C aborts the run) that holds the
+    run's controller actor and stays installed after the run: the finished controller (and
+    its dataset-manager actor) would live on as long as the driver does, two idle worker
+    processes per run. Restoring the previous handler releases them, and Ctrl-C after
+    training interrupts the driver as usual again.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        result = trainer.fit()
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if result.error:
         raise result.error
     return result

@@ -56,7 +56,7 @@ class SearchContext:
     parent_run_id: str
     metric: str
     mode: str
-    train_storage: str  # Ray Train results of the trials' Train runs
+    train_storage: Any  # train.run.RunStorage: where the trials' Train runs keep checkpoints
 
 
 @dataclass
@@ -248,9 +248,9 @@ def trial_driver(config: dict[str, Any], ctx: SearchContext) -> None:
         cfg,
         ctx.run,
         run_id=run_id,
-        # Same (storage_path, name) on a trial restart -> Train resumes from its checkpoint.
+        # Same (storage, name) on a trial restart -> Train resumes from its checkpoint.
         name=f"{ctx.name}-{trial_id}",
-        storage_path=ctx.train_storage,
+        storage=ctx.train_storage,
         # keep the checkpoints that are best by the *search* metric: --register-best takes one
         metric=ctx.metric,
         mode=ctx.mode,
@@ -485,7 +485,7 @@ def run_search(rs: ResolvedSearch) -> SearchResult:
     """Preflight, run (or resume) the search, log and print the summary; see the module docstring."""
     import mlflow
 
-    from train.run import check_model_task, prepare, ray_results_dir
+    from train.run import check_model_task, prepare, run_storage
 
     base, s = rs.base, rs.search
     check_model_task(base)
@@ -510,7 +510,7 @@ def run_search(rs: ResolvedSearch) -> SearchResult:
             parent_run_id=parent_id,
             metric=rs.metric,
             mode=s.mode,
-            train_storage=str(ray_results_dir(base.data_dir)),
+            train_storage=run_storage(base.data_dir),
         )
         grid = _tuner(rs, ctx, exp_path, decision, concurrent).fit()
         res = _summarise(grid, rs, ctx, client, exp_path)

@@ -9,10 +9,11 @@ DATA   ?= .segloop
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: help install system-deps demo lint test test-long test-fast prometheus bench clean
+.PHONY: help install system-deps demo demo-cluster lint test test-long test-fast prometheus bench clean
 
 help:
 	@echo "make demo   - install and run the whole loop locally (data, train, serve, monitor, retrain, promote)"
+	@echo "make demo-cluster - the same loop on a simulated two-node cluster that shares no disk (root)"
 	@echo "make test   - install and run the test suite"
 	@echo "make test-fast - tests without those marked slow"
 	@echo "make test-long - the long tests (the COCO config's Mask R-CNN run, ~7 min)"
@@ -39,6 +40,10 @@ system-deps:
 
 demo: install
 	$(VENV)/bin/segloop demo --data-dir $(DATA)/demo $(DEMO_ARGS)
+
+# The same loop on a simulated two-node cluster sharing no disk (root: a mount namespace), S3 + MLflow servers.
+demo-cluster: install
+	$(VENV)/bin/segloop demo --cluster --data-dir $(DATA)/demo-cluster $(DEMO_ARGS)
 
 # Lint and format check first (ruff, configured in pyproject.toml), then the tests.
 lint: $(STAMP)

@@ -99,6 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--annotate", type=int, default=48, help="top-entropy captures sent to the annotator")
     p.add_argument("--timeout", type=float, default=900, help="give up waiting for the retraining after this")
     p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on a simulated two-node cluster that shares no disk: a num_cpus=0 head and a node in its "
+        "own mount namespace (root), an S3 server and a real MLflow server (make demo-cluster)",
+    )
+    p.add_argument(
         "--stay",
         type=float,
         default=0,
@@ -109,11 +115,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@dataclass
 class DemoFailed(RuntimeError):
     """A step of the loop did not do what it should; the demo stops and says which."""
 
 
+@dataclass
 class Demo:
     """What the steps hand each other."""
 
@@ -133,6 +139,7 @@ class Demo:
     drift: list[dict] = field(default_factory=list)
     latest: Any = None
     champion: str | None = None
+    sim: Any = None  # segloop.simcluster.SimCluster with --cluster
 
     def status(self) -> dict[str, Any]:
         import ray
@@ -160,11 +167,32 @@ def step_ray(d: Demo) -> None:
 
     from monitoring.actor import NAMESPACE
 
+    if d.sim is not None:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        say("2. Ray", "the simulated cluster: a head with no CPUs (Serve's controller and proxy, Jobs API, monitor)")
+        print(f"and node {d.sim.node_id[:12]} ({cpus:g} CPUs), which sees none of the driver's files")
+        print(f"object store {d.store.describe()}, MLflow server {d.sim.mlflow_uri}")
+        d.dashboard = d.sim.dashboard
+        return
     say("2. start Ray", "local cluster, dashboard on 127.0.0.1")
     ctx = ray.init(
         num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1", namespace=NAMESPACE, log_to_driver=False
     )
     d.dashboard = ctx.dashboard_url if ctx.dashboard_url.startswith("http") else f"http://{ctx.dashboard_url}"
+
+
+def where(d: Demo, class_part: str, what: str, alive_only: bool = False) -> None:
+    """With --cluster: on which nodes the actors of a kind ran (the isolated node, or the head)."""
+    if d.sim is None:
+        return
+    from ray.util.state import list_actors
+
+    filters = [("state", "=", "ALIVE")] if alive_only else None
+    nodes = [
+        a.node_id for a in list_actors(filters=filters, detail=True, limit=10_000) if class_part in (a.class_name or "")
+    ]
+    isolated = sum(n == d.sim.node_id for n in nodes)
+    print(f"{what}: {isolated} of {len(nodes)} on the isolated node {d.sim.node_id[:12]}")
 
 
 def step_train(d: Demo) -> Path:
@@ -182,6 +210,7 @@ def step_train(d: Demo) -> Path:
     say("3. train v1 with Ray Train (2 workers), track in MLflow, register")
     d.v1 = run(TrainConfig(**train_cfg))
     print(f"v{d.v1.model_version}: held-out mIoU {d.v1.holdout['val_miou']:.3f} -> {d.v1.reason}")
+    where(d, "RayTrainWorker", "training workers")
     retrain_yaml = d.data / "retrain.yaml"
     dump_config(TrainConfig(**train_cfg), retrain_yaml)
     return retrain_yaml
@@ -197,6 +226,7 @@ def step_serve(d: Demo) -> None:
     )  # fmt: skip
     deploy(app_args, APP, "/", http_options={"host": "127.0.0.1", "port": 8000})
     d.traffic = Traffic(d.url)
+    where(d, "SegModel", "model replicas", alive_only=True)
 
 
 def step_normal_traffic(d: Demo) -> None:
@@ -318,6 +348,7 @@ def step_retrain(d: Demo) -> None:
         tail = JobSubmissionClient(d.dashboard).get_job_logs(finished["id"]).splitlines()[-25:]
         print("\n".join(f"  | {line}" for line in tail))
         raise DemoFailed(f"retraining job {finished['id']} {finished['status']} (its log's end is above)")
+    where(d, "RayTrainWorker", "training workers, v1 and the retraining job")
 
 
 def step_promote(d: Demo) -> None:
@@ -369,10 +400,14 @@ def step_summary(d: Demo, t_start: float) -> None:
         f"\nrequests served: {d.traffic.sent}, failed requests: {d.traffic.failed}, "
         f"champion: v{d.champion}, wall time {time.time() - t_start:.0f}s"
     )
-    print(
-        f"Ray dashboard: {d.dashboard}\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri(d.data)} "
-        f"--host 127.0.0.1  (then http://127.0.0.1:5000)\nServe: {d.url}/predict"
+    ui = (
+        d.sim.mlflow_uri
+        if d.sim is not None
+        else (
+            f".venv/bin/mlflow ui --backend-store-uri {tracking_uri(d.data)} --host 127.0.0.1  (then http://127.0.0.1:5000)"
+        )
     )
+    print(f"Ray dashboard: {d.dashboard}\nMLflow UI: {ui}\nServe: {d.url}/predict")
 
 
 def stay(seconds: float) -> None:
@@ -393,10 +428,55 @@ def main(argv: list[str] | None = None) -> int:
     if data.exists():
         shutil.rmtree(data)
     data.mkdir(parents=True)
-    os.environ["SEGLOOP_STORE"] = str(data / "store")  # the retraining job (another process) finds the same store
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-
+    # Ray 2.60's default for a local cluster, said explicitly (before Ray is imported) so Ray
+    # does not warn about it; RAY_AUTH_MODE=disabled from the environment still wins.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     d = Demo(args, data)
+    if args.cluster:
+        from segloop.simcluster import Unavailable
+
+        try:
+            d.sim = start_sim(data)
+        except Unavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    else:
+        os.environ["SEGLOOP_STORE"] = str(data / "store")  # the retraining job (another process) finds it
+    try:
+        return run_loop(d, t_start)
+    finally:
+        if d.sim is not None:
+            from segloop import simcluster
+
+            simcluster.stop(d.sim)
+
+
+def start_sim(data: Path) -> Any:
+    """The simulated two-node cluster; this process gets the cluster profile."""
+    import tempfile
+
+    from monitoring.actor import NAMESPACE
+    from segloop import simcluster
+    from segloop.settings import node_cache_dir
+
+    say("0. a simulated two-node cluster", "S3 server, MLflow server, a num_cpus=0 head, an isolated node")
+    cache = node_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="segloop-sim-", dir="/tmp"))  # short: Ray's socket paths live here
+    sim = simcluster.start(base, simcluster.MotoS3(), "segloop-demo", hidden=[data, cache], cpus=6, namespace=NAMESPACE)
+    for k in (
+        "SEGLOOP_STORE",
+        "SEGLOOP_S3_ENDPOINT",
+        "SEGLOOP_S3_ACCESS_KEY",
+        "SEGLOOP_S3_SECRET_KEY",
+        "MLFLOW_TRACKING_URI",
+    ):
+        os.environ[k] = sim.env[k]
+    return sim
+
+
+def run_loop(d: Demo, t_start: float) -> int:
     step_data(d)
     step_ray(d)
     retrain_yaml = step_train(d)
@@ -413,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     step_promote(d)
     step_summary(d, t_start)
-    stay(args.stay)
+    stay(d.args.stay)
     return 0 if d.traffic.failed == 0 else 1
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode import BIN, REPO, MultiNode, start_cluster, stop
+from tests.multinode import BIN, REPO, SimCluster, start_cluster, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.own_ray_cluster]
 
@@ -40,7 +40,7 @@ PROFILE = (
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNode]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimCluster]:
     saved = dict(os.environ)
     c = start_cluster(tmp_path_factory.getbasetemp())
     os.environ.update({k: c.env[k] for k in PROFILE})  # this process is a driver with the cluster profile
@@ -53,7 +53,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNode]:
 
 
 @pytest.fixture(scope="module")
-def pets_v1(cluster: MultiNode) -> str:
+def pets_v1(cluster: SimCluster) -> str:
     from dataplane.versions import create_version
     from segloop.settings import data_store
     from train.data.synth import generate_pets
@@ -62,7 +62,7 @@ def pets_v1(cluster: MultiNode) -> str:
     return create_version(data_store(), "pets", root, "semantic").version
 
 
-def job_submit(c: MultiNode, *train_args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+def job_submit(c: SimCluster, *train_args: str, timeout: float = 420) -> subprocess.CompletedProcess:
     """The README's line: ``ray job submit --working-dir . -- python -m train --config configs/pets.yaml``."""
     return subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", c.dashboard, "--working-dir", "."]
@@ -128,7 +128,7 @@ def test_readme_job_submit_block_on_one_node(tmp_path: Path) -> None:
 
 
 def test_one_machine_defaults_are_refused_before_work(
-    cluster: MultiNode, pets_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: SimCluster, pets_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from segloop.errors import ConfigError
     from serve_app.app import build_app
@@ -148,7 +148,7 @@ def test_one_machine_defaults_are_refused_before_work(
         build_app({"data_dir": str(tmp_path)})
 
 
-def test_readme_job_submit_trains_on_the_isolated_node(cluster: MultiNode, pets_v1: str) -> None:
+def test_readme_job_submit_trains_on_the_isolated_node(cluster: SimCluster, pets_v1: str) -> None:
     import mlflow
 
     from dataplane.store import S3Store
@@ -171,7 +171,7 @@ def test_readme_job_submit_trains_on_the_isolated_node(cluster: MultiNode, pets_
 
 
 def test_replica_on_the_isolated_node_serves_the_champion_and_captures_to_s3(
-    cluster: MultiNode, pets_root: Path
+    cluster: SimCluster, pets_root: Path
 ) -> None:
     import requests
     from ray import serve
@@ -221,7 +221,7 @@ def _checkpoints(keys: set[str]) -> set[str]:
     return {k.split("/checkpoint_")[1].split("/")[0] for k in keys if "/checkpoint_" in k}
 
 
-def test_monitor_retrains_on_a_new_version_through_a_worker_kill(cluster: MultiNode, pets_v1: str) -> None:
+def test_monitor_retrains_on_a_new_version_through_a_worker_kill(cluster: SimCluster, pets_v1: str) -> None:
     import ray
     from ray.job_submission import JobSubmissionClient
 

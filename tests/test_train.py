@@ -202,15 +202,14 @@ def test_pets_train_track_register_promote_rollback(
 
 
 @pytest.mark.slow
-def test_worker_failure_resumes_from_checkpoint(ray_cluster, pets_root: Path, data_dir: Path) -> None:
+def test_rerun_with_the_same_name_resumes_from_checkpoint(ray_cluster, pets_root: Path, data_dir: Path) -> None:
+    """A worker process killed mid-run resuming from its checkpoint: tests/test_multinode.py."""
     from train.job import run
 
     cfg = pets_cfg(
         pets_root,
         data_dir,
         epochs=3,
-        fail_at_epoch=2,
-        max_failures=1,
         run_name="faulty",
         registered_model="test-faulty",
         promote=False,

@@ -409,7 +409,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if w.rank == 0:
                 say(epoch_line(epoch, cfg.epochs, metrics, cfg.metric, 0 if stop else eta))
                 tracker.log(metrics, step=epoch)
+            t_report = time.perf_counter()
             report(metrics, checkpoint_state(w, epoch, p) if w.rank == 0 else None)
+            # what saving + uploading the checkpoint cost (kept in the next checkpoint's history)
+            p.history[-1]["report_s"] = time.perf_counter() - t_report
             if stop:
                 if w.rank == 0:
                     say(f"early stopping: {cfg.metric} did not improve for {cfg.patience} epochs")

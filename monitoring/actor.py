@@ -170,6 +170,7 @@ class Monitor:
             if e["state"] == "firing":
                 actions.append(self.switch_capture(self.cfg.capture_on_alert, reason=f"alert {e['rule']}"))
         actions += self.follow_jobs(now)
+        actions += self.record_pending_decisions()
         if not self.active_job():
             actions += self.maybe_retrain(now)
         self.state["engine"] = self.engine.to_dict()
@@ -268,7 +269,22 @@ class Monitor:
         actions: list[dict] = [{"action": "job_ended", "id": job["id"], "status": status}]
         if status == "SUCCEEDED":
             self.state["trained"] = {"version": job["dataset_version"], "samples": job["samples"]}
-            actions.append(self.record_decision(job))
+            job["decision_recorded"] = False
+        return actions
+
+    def record_pending_decisions(self) -> list[dict]:
+        """Read the decision of every succeeded job not read yet; an MLflow error (a locked SQLite
+        file, a server blip) is logged and retried on the next tick, never dropped."""
+        actions = []
+        for job in self.state["jobs"]:
+            if job.get("decision_recorded") is not False:
+                continue
+            try:
+                actions.append(self.record_decision(job))
+            except Exception as err:  # noqa: BLE001 - retried next tick; the job itself succeeded
+                log.warning("cannot read job %s's decision yet: %s: %s", job["id"], type(err).__name__, err)
+                continue
+            job["decision_recorded"] = True
         return actions
 
     def record_decision(self, job: dict) -> dict:

@@ -348,6 +348,9 @@ def step_retrain(d: Demo) -> None:
         tail = JobSubmissionClient(d.dashboard).get_job_logs(finished["id"]).splitlines()[-25:]
         print("\n".join(f"  | {line}" for line in tail))
         raise DemoFailed(f"retraining job {finished['id']} {finished['status']} (its log's end is above)")
+    # the monitor reads the job's decision from the registry a moment later (its totals feed the dashboards)
+    if not wait_until(lambda: any(j.get("decision_recorded") for j in d.status()["jobs"]), 120):
+        raise DemoFailed("the monitoring actor did not read the retraining job's decision within 120 s")
     where(d, "RayTrainWorker", "training workers, v1 and the retraining job")
 
 
@@ -373,14 +376,12 @@ def step_promote(d: Demo) -> None:
 
 
 def step_summary(d: Demo, t_start: float) -> None:
-    import ray
 
     from segloop.settings import tracking_uri
 
     say("12. shifted traffic after retraining")
     after = d.traffic.send(images(d.shifted, "test"))
     before = d.drift[: len(after)]
-    ray.get(d.monitor.stop.remote())
 
     say("summary")
     tags = d.latest.tags
@@ -493,7 +494,10 @@ def run_loop(d: Demo, t_start: float) -> int:
         return 1
     step_promote(d)
     step_summary(d, t_start)
-    stay(d.args.stay)
+    stay(d.args.stay)  # the monitor keeps publishing its totals meanwhile (Ray drops a gauge not set for 10 s)
+    import ray
+
+    ray.get(d.monitor.stop.remote())
     return 0 if d.traffic.failed == 0 else 1
 
 

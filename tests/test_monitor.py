@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pytest
+
 from dataplane.capture import read_policy
 from monitoring.actor import Monitor, MonitorConfig, cron_matches, schedule_due
 
@@ -67,3 +69,31 @@ def test_schedules() -> None:
     assert cron_matches("*/15 * * * 1-5", dt.datetime(2026, 1, 5, 10, 30))  # a Monday
     cfg = MonitorConfig(schedule_interval_s=60)
     assert schedule_due(cfg, None, 0) and not schedule_due(cfg, 0, 30) and schedule_due(cfg, 0, 61)
+
+
+def test_a_decision_mlflow_cannot_give_yet_is_read_on_a_later_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A succeeded job's decision is never dropped when MLflow fails once (locked file, server blip)."""
+    import mlflow
+
+    from tests.conftest import free_port
+
+    m = make(tmp_path)
+    m.state["jobs"].append({"id": "raysubmit_1", "status": "SUCCEEDED", "decision_recorded": False})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    assert m.record_pending_decisions() == []
+    assert m.state["jobs"][0]["decision_recorded"] is False and m.state["totals"]["decisions"] == {}
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model("segloop-pets")
+    mv = client.create_model_version("segloop-pets", source=(tmp_path / "model").as_uri())
+    client.set_model_version_tag("segloop-pets", mv.version, "segloop.decision", "promoted")
+    acts = m.record_pending_decisions()
+    assert [a["decision"] for a in acts] == ["promoted"] and m.state["jobs"][0]["decision_recorded"] is True
+    assert m.state["totals"]["decisions"] == {"promoted": 1}
+    assert m.record_pending_decisions() == []  # read once

@@ -221,6 +221,22 @@ class RunStorage:
     def __str__(self) -> str:
         return f"s3://{self.path}" if self.filesystem is not None else self.path
 
+    def exists(self, path: str | None) -> bool:
+        """Whether a checkpoint path Train reported is still on this storage (Train drops old ones)."""
+        if not path:
+            return False
+        if self.filesystem is None:
+            return "://" in path or Path(path).exists()
+        import pyarrow.fs
+
+        return self.filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    def checkpoint(self, path: str) -> Any:
+        """The ``ray.train.Checkpoint`` at a path Train reported, readable from any node."""
+        from ray.train import Checkpoint
+
+        return Checkpoint(path, filesystem=self.filesystem)
+
 
 def run_storage(data_dir: str | Path) -> RunStorage:
     """Checkpoints go where the object store is: ``s3://<bucket>/ray_results`` (any node reads

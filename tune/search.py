@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from segloop.errors import ConfigError
 from train.config import TrainConfig
-from train.run import RunContext
+from train.run import RunContext, RunStorage
 from tune.config import ResolvedSearch, in_space, space_summary, to_tune_space
 
 SEARCH_TAG = "segloop.search"
@@ -56,7 +56,7 @@ class SearchContext:
     parent_run_id: str
     metric: str
     mode: str
-    train_storage: Any  # train.run.RunStorage: where the trials' Train runs keep checkpoints
+    train_storage: RunStorage  # where the trials' Train runs keep checkpoints
 
 
 @dataclass
@@ -321,8 +321,11 @@ def _close_child(ctx: SearchContext, trial_id: str, last: dict[str, Any], max_t:
 
 
 # ----------------------------------------------------------------------------- summary
-def collect_rows(grid: Any, rs: ResolvedSearch, runs_by_trial: dict[str, str]) -> list[TrialRow]:
-    """Summary rows from Tune's ResultGrid (history per trial: best score, checkpoints)."""
+def collect_rows(
+    grid: Any, rs: ResolvedSearch, runs_by_trial: dict[str, str], storage: RunStorage | None = None
+) -> list[TrialRow]:
+    """Summary rows from Tune's ResultGrid (history per trial: best score, checkpoints still on
+    ``storage``, the trials' Train storage: a local directory or S3)."""
     sign = 1 if rs.search.mode == "max" else -1
     rows = []
     for res in grid:
@@ -331,7 +334,7 @@ def collect_rows(grid: Any, rs: ResolvedSearch, runs_by_trial: dict[str, str]) -
         df = res.metrics_dataframe
         best = best_ckpt = last_ckpt = None
         if df is not None and rs.metric in df.columns and len(df):
-            best, best_ckpt, last_ckpt = _best_of_history(df, rs.metric, sign)
+            best, best_ckpt, last_ckpt = _best_of_history(df, rs.metric, sign, storage.exists if storage else None)
         final = last.get(rs.metric)
         rows.append(
             TrialRow(
@@ -349,12 +352,9 @@ def collect_rows(grid: Any, rs: ResolvedSearch, runs_by_trial: dict[str, str]) -
     return sorted(rows, key=lambda r: r.trial_id)
 
 
-def _exists(path: str | None) -> bool:
-    """A checkpoint still on storage (remote URIs are trusted; Train deletes only what it drops)."""
-    return bool(path) and ("://" in path or Path(path).exists())  # type: ignore[arg-type]
-
-
-def _best_of_history(df: Any, metric: str, sign: int) -> tuple[float | None, str | None, str | None]:
+def _best_of_history(
+    df: Any, metric: str, sign: int, exists: Any = None
+) -> tuple[float | None, str | None, str | None]:
     """(best score, its checkpoint, last checkpoint) of one trial's per-epoch results.
 
     The checkpoint is the best among those Train kept (``checkpoints_to_keep``), latest on
@@ -365,9 +365,10 @@ def _best_of_history(df: Any, metric: str, sign: int) -> tuple[float | None, str
     paths = [p if isinstance(p, str) and p else None for p in paths]
     finite = [(sign * sc, i) for i, sc in enumerate(scores) if math.isfinite(sc)]
     best = scores[max(finite)[1]] if finite else None
-    kept = [(sign * scores[i], i) for i, p in enumerate(paths) if _exists(p) and math.isfinite(scores[i])]
+    exists = exists or RunStorage("").exists  # a local path, or a URI (trusted)
+    kept = [(sign * scores[i], i) for i, p in enumerate(paths) if exists(p) and math.isfinite(scores[i])]
     best_ckpt = paths[max(kept)[1]] if kept else None
-    last_ckpt = next((p for p in reversed(paths) if _exists(p)), None)
+    last_ckpt = next((p for p in reversed(paths) if exists(p)), None)
     return best, best_ckpt, last_ckpt
 
 
@@ -612,7 +613,7 @@ def _summarise(grid: Any, rs: ResolvedSearch, ctx: SearchContext, client: Any, e
     """Rows from the grid, child runs closed, the summary logged to the parent run."""
     s = rs.search
     runs_by_trial = _children(client, ctx.run.experiment_id, ctx.parent_run_id)
-    rows = collect_rows(grid, rs, runs_by_trial)
+    rows = collect_rows(grid, rs, runs_by_trial, ctx.train_storage)
     for r in rows:  # what the callback missed: races with the rank-0 worker, interrupted trials
         if r.run_id and r.status != "pending":
             last = {EPOCHS_DONE: r.epochs, "done": r.status != "interrupted", "early_stopped": r.status == "patience"}
@@ -666,22 +667,23 @@ def _log_summary(client: Any, res: SearchResult) -> None:
 def _register(res: SearchResult, rs: ResolvedSearch, ctx: SearchContext, client: Any) -> None:
     """The best trial's best checkpoint goes through train.job's held-out eval and promotion."""
     import mlflow
-    from ray.train import Checkpoint
 
     from train.job import evaluate_and_promote
     from train.loop import load_checkpoint_state
 
     best = res.best
     assert best is not None
-    if not _exists(best.best_checkpoint):
+    storage = ctx.train_storage
+    if not storage.exists(best.best_checkpoint):
         raise ConfigError(
             f"--register-best: the best checkpoint of trial {best.trial_id} "
             f"({best.best_checkpoint}) is gone; raise checkpoints_to_keep"
         )
-    state = load_checkpoint_state(Checkpoint(best.best_checkpoint))
+    state = load_checkpoint_state(storage.checkpoint(best.best_checkpoint))
     history = state["history"]
-    if best.last_checkpoint and best.last_checkpoint != best.best_checkpoint and _exists(best.last_checkpoint):
-        history = load_checkpoint_state(Checkpoint(best.last_checkpoint))["history"]
+    last = best.last_checkpoint
+    if last and last != best.best_checkpoint and storage.exists(last):
+        history = load_checkpoint_state(storage.checkpoint(last))["history"]
     cfg = TrainConfig.model_validate({**rs.base.model_dump(mode="json"), **best.params})
     if not best.run_id:
         raise ConfigError(f"--register-best: trial {best.trial_id} has no MLflow run")

@@ -6,7 +6,8 @@ isolated node (both workers there), tracks into the MLflow server, checkpoints t
 registers and promotes; a replica on the isolated node loads the champion from the MLflow
 server, answers ``/predict`` and captures into S3; the monitoring actor's retraining job on a
 new dataset version succeeds although one of its training workers is ``kill -9``-ed mid-run
-(it resumes from the S3 checkpoint).
+(it resumes from the S3 checkpoint). First, on a one-node ``ray start --head`` cluster of its own,
+the README's ``ray job submit`` block runs as written.
 """
 
 from __future__ import annotations

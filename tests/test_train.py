@@ -55,6 +55,20 @@ def test_config_rejects_unknown_keys_and_bad_types(tmp_path: Path) -> None:
         load_config(TrainConfig, None, ["epochs=2"])
 
 
+def test_overrides_keep_string_fields_as_written() -> None:
+    # a content id can be all digits (and start with 0): YAML would make it an int
+    cfg = load_config(TrainConfig, None, ["dataset_version=0197602178452887", "epochs=3", "lr=1e-3", "weights=null"])
+    assert cfg.dataset_version == "0197602178452887"
+    assert (cfg.epochs, cfg.lr, cfg.weights) == (3, 0.001, None)
+    with pytest.raises(ConfigError, match="epochs"):
+        load_config(TrainConfig, None, ["dataset=x", "epochs=3.5"])
+
+    from tune.config import load_search_config
+
+    search = load_search_config(REPO / "configs" / "tune_pets.yaml", ["base.dataset_version=0012", "base.epochs=2"])
+    assert (search.base.dataset_version, search.base.epochs) == ("0012", 2)
+
+
 def test_cli_reports_config_errors_with_exit_2(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("[not, a, mapping]\n")

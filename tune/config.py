@@ -250,7 +250,12 @@ def load_search_config(path: str | Path | None = None, overrides: Sequence[str] 
     data = apply_overrides(data, whole_base)
     if isinstance(data.get("base"), str):
         data["base"] = read_yaml_mapping(_resolve_base_path(data["base"], config_path))
-    data = apply_overrides(data, [o for o in overrides if o not in whole_base])
+    rest = [o for o in overrides if o not in whole_base]
+    base_overrides = [o.removeprefix("base.") for o in rest if _override_key(o).startswith("base.")]
+    if base_overrides:  # typed as TrainConfig, so a string field such as dataset_version stays text
+        base = data.get("base")
+        data["base"] = apply_overrides(base if isinstance(base, dict) else {}, base_overrides, TrainConfig)
+    data = apply_overrides(data, [o for o in rest if not _override_key(o).startswith("base.")], SearchConfig)
     if "base" not in data:
         raise ConfigError(f"invalid {path or 'config'}:\n  base: missing (a TrainConfig mapping or a train YAML path)")
     if not isinstance(data.get("space", {}), dict):

@@ -14,10 +14,21 @@ Layout of a store::
     captures/<yyyy-mm-dd>/<id>.<ext>        a production input kept for labelling/retraining
     captures/<yyyy-mm-dd>/<id>.json         its metadata (model, prediction summary, drift scores, ...)
     datasets/<name>/<version>.json          immutable dataset-version manifests (dataplane.versions)
+    datasets/<name>/lineage/<parent>.json   which version continues <parent> ("root": the first one);
+                                            created once with put_if_absent, never rewritten
+    datasets/<name>/lineage/HEAD.json       a hint: the last head written (may lag; see versions)
     blobs/sha256/<aa>/<sha256>              content-addressed file contents (<aa> = first 2 hex chars)
 
-:func:`capture_keys`, :func:`manifest_key` and :func:`blob_key` build these keys so no
-caller spells them by hand.
+:func:`capture_keys`, :func:`manifest_key`, :func:`lineage_key`, :func:`head_key` and
+:func:`blob_key` build these keys so no caller spells them by hand.
+
+Conditional writes: :meth:`ObjectStore.put_if_absent` creates a key only when it does not
+exist, atomically (LocalStore: ``os.link`` of a finished temp file, which fails when the
+name exists; S3Store: PutObject with ``If-None-Match: *``, answered 412 PreconditionFailed
+by AWS S3 since 2024-08 and MinIO, atomically; moto 5.2 answers 412 too, but checks in
+Python before writing, without a lock, so it is not guaranteed atomic under load). An S3
+server that ignores the header is detected once per S3Store by a probe and refused with
+ConditionalWritesUnsupported, instead of silently overwriting.
 
 Credentials never live in config files: :func:`open_store` reads them from
 ``SEGLOOP_S3_ACCESS_KEY``/``SEGLOOP_S3_SECRET_KEY``, falling back to
@@ -34,6 +45,8 @@ import os
 import re
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +70,10 @@ CREDENTIAL_ENV_PAIRS: tuple[tuple[str, str], ...] = (
 
 class ObjectNotFound(StoreError):
     """The requested key does not exist in the store."""
+
+
+class ConditionalWritesUnsupported(StoreError):
+    """The store cannot create a key only-if-absent atomically (an S3 server ignoring If-None-Match)."""
 
 
 # --------------------------------------------------------------------------- keys
@@ -132,6 +149,16 @@ def manifest_key(name: str, version: str) -> str:
     return check_key(f"datasets/{name}/{version}.json")
 
 
+def lineage_key(name: str, parent: Optional[str]) -> str:
+    """Key of the record naming the version that continues ``parent`` (None: the first version)."""
+    return check_key(f"datasets/{name}/lineage/{parent or 'root'}.json")
+
+
+def head_key(name: str) -> str:
+    """Key of the head hint of dataset ``name`` (a plain write; the lineage records are the truth)."""
+    return check_key(f"datasets/{name}/lineage/HEAD.json")
+
+
 def capture_keys(capture_id: str, ext: str, when: Optional[_dt.datetime | _dt.date] = None) -> tuple[str, str]:
     """``(data_key, metadata_key)`` of a capture taken at ``when`` (default: now, UTC)."""
     if not isinstance(capture_id, str) or not _CAPTURE_ID.match(capture_id):
@@ -157,6 +184,15 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def put_bytes(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
         """Store ``data`` under ``key`` (replacing any previous object atomically)."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes, content_type: Optional[str] = None) -> bool:
+        """Create ``key`` holding ``data`` only if no object is stored there, atomically.
+
+        True when this call created it, False when the key already existed (then the
+        stored object is left untouched). False can also follow a retried request whose
+        first attempt did create it: callers compare the stored content, not just the bool.
+        """
 
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -189,11 +225,18 @@ class ObjectStore(abc.ABC):
 
     def put_json(self, key: str, obj: Any) -> None:
         """Store ``obj`` as pretty, key-sorted JSON (stable bytes for equal objects)."""
+        self.put_bytes(key, self._json_bytes(key, obj), content_type="application/json")
+
+    def put_json_if_absent(self, key: str, obj: Any) -> bool:
+        """:meth:`put_if_absent` of ``obj`` as :meth:`put_json` would store it."""
+        return self.put_if_absent(key, self._json_bytes(key, obj), content_type="application/json")
+
+    def _json_bytes(self, key: str, obj: Any) -> bytes:
         try:
             data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
         except (TypeError, ValueError) as err:
             raise StoreError(f"cannot store {key!r} in {self.describe()}: not JSON-serialisable: {err}") from None
-        self.put_bytes(key, data + b"\n", content_type="application/json")
+        return data + b"\n"
 
     def get_json(self, key: str) -> Any:
         """Load a JSON object stored with :meth:`put_json`."""
@@ -238,6 +281,17 @@ class LocalStore(ObjectStore):
             raise StoreError(f"local store {self.root} is not writable")
 
     def put_bytes(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
+        self._write(key, data, exclusive=False)
+
+    def put_if_absent(self, key: str, data: bytes, content_type: Optional[str] = None) -> bool:
+        """Hard-link a finished temp file to the key: link(2) fails when the name exists, so
+        exactly one of several writers (threads, processes, hosts on one NFS export) wins and
+        a reader never sees a half-written object."""
+        return self._write(key, data, exclusive=True)
+
+    def _write(self, key: str, data: bytes, *, exclusive: bool) -> bool:
+        """Write ``data`` to a temp file next to the key's path, then rename it over the path
+        (``exclusive``: hard-link it instead; False when the path already exists)."""
         path = self._path(key)
         _check_data(key, data)
         tmp = None
@@ -249,8 +303,15 @@ class LocalStore(ObjectStore):
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-            tmp = None
+            if not exclusive:
+                os.replace(tmp, path)
+                tmp = None
+                return True
+            try:
+                os.link(tmp, path)  # the temp name is unlinked below
+            except FileExistsError:
+                return False
+            return True
         except OSError as err:
             raise StoreError(f"cannot write {key!r} to {self.describe()}: {err.strerror or err}") from None
         finally:
@@ -388,6 +449,7 @@ class S3Store(ObjectStore):
         except ValueError as err:
             raise ConfigError(f"invalid S3 endpoint {endpoint!r}: {err}") from None
         self._bucket_ready = False
+        self._conditional_ok = False
         self._lock = threading.Lock()
 
     # -- helpers
@@ -464,6 +526,57 @@ class S3Store(ObjectStore):
                 len(data),
                 content_type=content_type or "application/octet-stream",
             )
+
+    def put_if_absent(self, key: str, data: bytes, content_type: Optional[str] = None) -> bool:
+        """PutObject with ``If-None-Match: *``: the server answers 412 PreconditionFailed when
+        the key exists. The first call on this store probes that the server honours it."""
+        check_key(key)
+        _check_data(key, data)
+        self._ensure_bucket()
+        self._check_conditional_writes()
+        return self._create(key, bytes(data), content_type)
+
+    def _create(self, key: str, data: bytes, content_type: Optional[str]) -> bool:
+        """One create-only PutObject. minio's public put_object turns extra headers into
+        x-amz-meta-* metadata, so this sends its PutObject request (``_put_object``) itself.
+        AWS answers 409 ConditionalRequestConflict while a competing conditional write is in
+        flight: that is retried a few times, after which the answer is 200 or 412."""
+        from minio.error import S3Error
+
+        headers = {"Content-Type": content_type or "application/octet-stream", "If-None-Match": "*"}
+        for attempt in range(4):
+            with self._errors("conditional put", key):
+                try:
+                    self._client._put_object(self.bucket, key, data, headers=headers)
+                    return True
+                except S3Error as err:
+                    if err.code == "PreconditionFailed":
+                        return False
+                    if err.code != "ConditionalRequestConflict" or attempt == 3:
+                        raise
+            time.sleep(0.05 * 2**attempt)
+        return False  # pragma: no cover - the loop returns or raises
+
+    def _check_conditional_writes(self) -> None:
+        """Once per store: create a probe key twice. A server that lets the second create
+        through ignores If-None-Match, and conditional writes would silently overwrite."""
+        if self._conditional_ok:
+            return
+        with self._lock:
+            if self._conditional_ok:
+                return
+            probe = f"_segloop/probe/{uuid.uuid4().hex}"
+            try:
+                first, second = self._create(probe, b"1", None), self._create(probe, b"2", None)
+            finally:
+                self.delete(probe)
+            if not first or second:
+                raise ConditionalWritesUnsupported(
+                    f"S3 store {self.endpoint} bucket {self.bucket!r} ignores If-None-Match on PutObject "
+                    "(a second create-only write of a probe key went through): dataset lineage needs "
+                    "create-only writes; use AWS S3, MinIO or another server with conditional writes"
+                )
+            self._conditional_ok = True
 
     def get_bytes(self, key: str) -> bytes:
         check_key(key)

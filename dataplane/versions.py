@@ -19,7 +19,23 @@ Guarantees:
 * no half versions - blobs are uploaded first and the manifest last, so a create
   that fails part way leaves no manifest (only unreferenced blobs);
 * integrity - manifests are checked against their digest when read, blobs against
-  their sha256 and size when materialised or verified; every mismatch names the file.
+  their sha256 and size when materialised or verified; every mismatch names the file;
+* a linear lineage - each dataset has a *head*, and a new version becomes the head only
+  if its parent still is the head (compare-and-set), so two writers that start from the
+  same head can never both "win" and leave one of them out of ``latest``.
+
+Lineage: ``datasets/<name>/lineage/<parent>.json`` (``root.json`` for the first version)
+records the one version that continues ``<parent>``. It is created with
+:meth:`ObjectStore.put_if_absent` (atomic create-only: ``os.link`` locally, ``If-None-Match:
+*`` on S3), after the manifest and never rewritten, so the records form a chain and the
+head is the end of the chain. ``lineage/HEAD.json`` is a hint written after each advance
+(a plain write that may lag behind; readers follow the records on from it). Only
+create-only writes are needed (AWS S3 and MinIO make them atomic; moto, the tests' server,
+honours them too), not an ETag compare-and-swap of a mutable HEAD object. A writer that loses the race either rebases (parent
+``'latest'``: :func:`add_samples` re-applies its files onto the new head) or gets a
+:class:`HeadMoved` error naming the head; a version that lost stays in the store as an
+unreferenced manifest that ``latest`` never returns. Stores written before lineage
+records existed have none: their head is the newest version by ``created`` time.
 
 Command line: ``segloop versions [--store URL] list|show|diff|materialize|create|verify``
 (also ``python -m dataplane.versions``; store from ``--store``, else ``SEGLOOP_STORE``, else
@@ -33,6 +49,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -47,20 +64,38 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from dataplane.store import ObjectNotFound, ObjectStore, blob_key, check_key, manifest_key
+from dataplane.store import ObjectNotFound, ObjectStore, blob_key, check_key, head_key, lineage_key, manifest_key
 from segloop.errors import ConfigError, DatasetError, StoreError
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 VERSION_LEN = 16
 MARKER = ".segloop-version.json"
 TASKS = ("semantic", "instance")
 DEFAULT_SEMANTIC_CLASSES = ("background", "pet", "border")
+MAX_REBASES = 8  # add_samples onto 'latest': how many times it re-applies onto a moved head
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEX = re.compile(r"^[0-9a-f]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 FileSource = Union[bytes, bytearray, memoryview, os.PathLike]
+
+
+class HeadMoved(DatasetError):
+    """The parent a version was built on is not (or no longer) the head of its dataset.
+
+    ``head`` is the head when the error was raised (None: the dataset has no versions).
+    """
+
+    def __init__(self, message: str, head: Optional[Manifest] = None) -> None:
+        super().__init__(message)
+        self.head = head
+
+
+class RebaseConflict(HeadMoved):
+    """Re-applying a change onto the new head would overwrite a file the head changed too."""
 
 
 # --------------------------------------------------------------------------- manifest
@@ -244,22 +279,21 @@ def write_manifest(store: ObjectStore, manifest: Manifest) -> Manifest:
     """
     _parse_manifest(manifest.to_dict(), manifest.ref)  # refuse hand-edited manifests
     key = manifest.key
-    if store.exists(key):
-        existing_raw = store.get_json(key)
-        same_body = (
-            isinstance(existing_raw, dict)
-            and compute_digest(existing_raw) == manifest.digest
-            and {k: v for k, v in existing_raw.items() if k != "created"}
-            == {k: v for k, v in manifest.to_dict().items() if k != "created"}
+    if store.put_json_if_absent(key, manifest.to_dict()):  # create-only: never replaces a manifest
+        return manifest
+    existing_raw = store.get_json(key)
+    same_body = (
+        isinstance(existing_raw, dict)
+        and compute_digest(existing_raw) == manifest.digest
+        and {k: v for k, v in existing_raw.items() if k != "created"}
+        == {k: v for k, v in manifest.to_dict().items() if k != "created"}
+    )
+    if not same_body:
+        raise StoreError(
+            f"refusing to overwrite manifest {key!r} in {store.describe()}: it already exists "
+            f"with different content (versions are immutable)"
         )
-        if not same_body:
-            raise StoreError(
-                f"refusing to overwrite manifest {key!r} in {store.describe()}: it already exists "
-                f"with different content (versions are immutable)"
-            )
-        return _load_manifest(store, key)
-    store.put_json(key, manifest.to_dict())
-    return manifest
+    return _load_manifest(store, key)
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -493,6 +527,144 @@ def _fetch_blob(store: ObjectStore, manifest: Manifest, entry: FileEntry, verify
     return data
 
 
+# --------------------------------------------------------------------------- lineage
+
+
+def _read_claim(store: ObjectStore, name: str, parent: Optional[str]) -> Optional[str]:
+    """The version recorded as continuing ``parent`` (None: the first version), or None."""
+    key = lineage_key(name, parent)
+    try:
+        record = store.get_json(key)
+    except ObjectNotFound:
+        return None
+    child = record.get("child") if isinstance(record, dict) else None
+    if not isinstance(child, str) or len(child) != VERSION_LEN or not _HEX.match(child):
+        raise StoreError(f'lineage record {key!r} in {store.describe()} is malformed: expected {{"child": <version>}}')
+    return child
+
+
+def _claim(store: ObjectStore, name: str, parent: Optional[str], child: str) -> str:
+    """Record ``child`` as the continuation of ``parent`` unless one is already recorded.
+
+    Returns the recorded child: ``child`` when this call won (or an identical version
+    was recorded by another writer), else the version that got there first.
+    """
+    record = {"parent": parent, "child": child, "created": _now()}
+    if store.put_json_if_absent(lineage_key(name, parent), record):
+        return child
+    winner = _read_claim(store, name, parent)
+    if winner is None:  # created, then deleted by hand before we could read it
+        raise StoreError(f"lineage record {lineage_key(name, parent)!r} in {store.describe()} vanished")
+    return winner
+
+
+def _read_hint(store: ObjectStore, name: str) -> Optional[str]:
+    """The head hint's version id, or None when there is no (usable) hint."""
+    try:
+        record = store.get_json(head_key(name))
+    except ObjectNotFound:
+        return None
+    vid = record.get("version") if isinstance(record, dict) else None
+    return vid if isinstance(vid, str) and len(vid) == VERSION_LEN and _HEX.match(vid) else None
+
+
+def _write_hint(store: ObjectStore, name: str, version: str) -> None:
+    """Point the hint at a new head. Best effort: a stale hint only costs readers a step."""
+    try:
+        store.put_json(head_key(name), {"version": version})
+    except StoreError as err:
+        log.warning("dataset %s: head hint not updated (%s); readers follow the lineage records", name, err)
+
+
+def _walk(store: ObjectStore, name: str, start: str) -> Manifest:
+    """The end of the lineage chain that passes through version ``start``."""
+    vid, seen = start, {start}
+    while (nxt := _read_claim(store, name, vid)) is not None:
+        if nxt in seen:
+            raise StoreError(f"the lineage of dataset {name!r} in {store.describe()} loops at version {nxt}")
+        seen.add(nxt)
+        vid = nxt
+    try:
+        return _load_manifest(store, manifest_key(name, vid))
+    except ObjectNotFound:
+        raise StoreError(
+            f"the lineage of dataset {name!r} in {store.describe()} names version {vid}, whose manifest is missing"
+        ) from None
+
+
+def head_version(store: ObjectStore, name: str) -> Optional[Manifest]:
+    """The head of dataset ``name``, or None when it has no versions.
+
+    Starts at the head hint (else the first version's record) and follows the lineage
+    records to the end. A store written before lineage records existed has neither: then
+    the newest version by ``created`` time is the start, the rule ``latest`` used to have.
+    """
+    _check_name(name)
+    start = _read_hint(store, name) or _read_claim(store, name, None)
+    if start is None:
+        versions = list_versions(store, name)
+        if not versions:
+            return None
+        start = versions[-1].version
+    return _walk(store, name, start)
+
+
+def _commit(store: ObjectStore, manifest: Manifest, parent: Optional[Manifest], *, branch: bool) -> Manifest:
+    """Write ``manifest`` and make it the head: compare-and-set on the head being ``parent``.
+
+    Raises HeadMoved when ``parent`` is not the head (unless ``branch``: a side version is
+    written and the head stays) or another writer advanced it first.
+    """
+    name, pv = manifest.name, parent.version if parent else None
+    head = head_version(store, name)
+    if head is not None and head.version == manifest.version:
+        return head  # an idempotent re-run: the very same version is the head already
+    if (head.version if head else None) != pv:
+        return _commit_off_head(store, manifest, parent, head, branch)
+    written = write_manifest(store, manifest)  # the manifest first: a record never names a missing one
+    winner = _claim(store, name, pv, written.version)
+    if winner == written.version:
+        _write_hint(store, name, written.version)
+        return written
+    if branch:
+        return _branched(written, f"{name}@{winner}")
+    head = head_version(store, name)
+    raise HeadMoved(
+        f"lost the race to extend dataset {name!r} from {_ref(name, pv)}: {name}@{winner} was added first "
+        f"and the head is now {_ref(name, head and head.version)}; {written.ref} was not added to the lineage. "
+        "Build on parent 'latest' to rebase onto the head",
+        head,
+    )
+
+
+def _commit_off_head(
+    store: ObjectStore, manifest: Manifest, parent: Optional[Manifest], head: Optional[Manifest], branch: bool
+) -> Manifest:
+    """:func:`_commit` when ``parent`` is already behind the head."""
+    pv = parent.version if parent else None
+    if _read_claim(store, manifest.name, pv) == manifest.version:
+        return _load_manifest(store, manifest.key)  # a re-run of a change that is in the lineage
+    if branch:
+        return _branched(write_manifest(store, manifest), _ref(manifest.name, head and head.version))
+    what = parent.ref if parent else "a version without a parent"
+    raise HeadMoved(
+        f"{what} is not the head of dataset {manifest.name!r}: the head is "
+        f"{_ref(manifest.name, head and head.version)}; {manifest.ref} was not added. Build on parent "
+        "'latest' (a concurrent change is then rebased onto), or pass branch=True (--branch) for a side "
+        "version that 'latest' never returns",
+        head,
+    )
+
+
+def _branched(manifest: Manifest, head: str) -> Manifest:
+    log.warning("%s is a side branch off %s: the head stays %s", manifest.ref, manifest.parent or "nothing", head)
+    return manifest
+
+
+def _ref(name: str, version: Optional[str]) -> str:
+    return f"{name}@{version}" if version else f"{name} (no versions)"
+
+
 # --------------------------------------------------------------------------- API
 
 
@@ -507,6 +679,7 @@ def create_version(
     *,
     splits: Optional[Mapping[str, Sequence[str]]] = None,
     source: Optional[Mapping[str, Any]] = None,
+    branch: bool = False,
     workers: int = 8,
 ) -> Manifest:
     """Snapshot every file under ``root_dir`` as a new version of dataset ``name``.
@@ -514,6 +687,11 @@ def create_version(
     ``classes`` default to the parent's, else the Pet classes / COCO categories;
     ``splits`` default to the dataset's split files (:func:`derive_splits`).
     Blobs are uploaded first and the manifest last, so a failure leaves no version.
+    The new version becomes the head, so ``parent`` must be the head (``'latest'``, or
+    None for a dataset's first version); otherwise, or when another writer moves the
+    head meanwhile, HeadMoved is raised: a snapshot is never rebased, since it does not
+    hold the other writer's change. ``branch`` allows a side version off a non-head parent
+    (the head stays). The same snapshot again returns the existing version.
     """
     _check_name(name)
     _check_task(task)
@@ -539,7 +717,7 @@ def create_version(
         source=source_,
         notes=notes_,
     )
-    return write_manifest(store, manifest)
+    return _commit(store, manifest, parent_m, branch=branch)
 
 
 def add_samples(
@@ -551,6 +729,8 @@ def add_samples(
     notes: Optional[Mapping[str, Any]] = None,
     *,
     sync_split_files: bool = True,
+    rebase: Optional[bool] = None,
+    branch: bool = False,
     workers: int = 8,
 ) -> Manifest:
     """A child version = parent + ``new_files`` (relpath -> bytes or Path); the parent is untouched.
@@ -561,38 +741,108 @@ def add_samples(
     ``annotations/<split>.txt`` is also rewritten to list the new names unless the
     caller passes that file; for COCO the caller must pass the updated
     ``annotations/instances_<split>.json`` itself.
+
+    The child becomes the head (compare-and-set, see the module doc). When the head is
+    not (or no longer) the parent: with ``rebase`` (default: ``parent_version`` is
+    ``'latest'``) the same files and names are re-applied onto the new head, up to
+    MAX_REBASES times, or RebaseConflict is raised when the head changed a file this call
+    writes too (redo the change from the new head); without it HeadMoved names the head,
+    unless ``branch`` asks for a side version off a non-head parent. A change already
+    fully in the parent (a re-run) returns the parent: no duplicate names, no new version.
     """
     _check_name(name)
-    parent = _resolve(store, name, parent_version)
+    base = _resolve(store, name, parent_version)
+    rebase = (isinstance(parent_version, str) and parent_version == "latest") if rebase is None else rebase
+    items, updates = _check_additions(base, new_files, split_updates)
+    notes_ = _check_notes(notes)
+    added = _upload_files(store, sorted(items.items()), workers)
+    parent = base
+    for _ in range(MAX_REBASES + 1):
+        child = _child_manifest(store, parent, added, updates, notes_, sync_split_files, workers)
+        if child is None:
+            return parent
+        try:
+            return _commit(store, child, parent, branch=branch and not rebase)
+        except HeadMoved as err:
+            if not rebase or err.head is None:
+                raise
+            parent = _rebase_target(base, err.head, added)
+    head = head_version(store, name)
+    raise HeadMoved(
+        f"add_samples({base.ref}): the head of dataset {name!r} moved {MAX_REBASES + 1} times while "
+        f"this change was being added (now {_ref(name, head and head.version)}); nothing was added, retry",
+        head,
+    )
+
+
+def _check_additions(
+    parent: Manifest, new_files: Any, split_updates: Any
+) -> tuple[dict[str, Callable[[], bytes]], dict[str, list[str]]]:
+    """``(loaders by relpath, split updates)`` of an :func:`add_samples` call, each checked."""
     if not isinstance(new_files, Mapping):
         raise DatasetError(f"new_files must map relative paths to bytes or Paths, got {type(new_files).__name__}")
     updates = _check_splits(split_updates)
     if not new_files and not updates:
         raise DatasetError(f"add_samples({parent.ref}) needs new_files or split_updates")
-    items = {rel: _source_loader(rel, value) for rel, value in new_files.items()}
-    splits = _appended_splits(parent.splits, updates)
-    if sync_split_files and parent.task == "semantic":
-        for split in updates:
-            rel = f"annotations/{split}.txt"
-            if rel not in items:
-                items[rel] = _bytes_loader(_split_file(store, parent, rel, splits[split]))
+    return {rel: _source_loader(rel, value) for rel, value in new_files.items()}, updates
 
-    added = _upload_files(store, sorted(items.items()), workers)
+
+def _child_manifest(
+    store: ObjectStore,
+    parent: Manifest,
+    added: Sequence[FileEntry],
+    updates: Mapping[str, Sequence[str]],
+    notes: dict[str, Any],
+    sync_split_files: bool,
+    workers: int,
+) -> Optional[Manifest]:
+    """``parent`` + the uploaded ``added`` files + ``updates``; None when that changes nothing."""
+    splits = _appended_splits(parent.splits, updates)
+    entries = list(added)
+    if sync_split_files and parent.task == "semantic":
+        own = {e.path for e in added}
+        split_files = {
+            rel: _bytes_loader(_split_file(store, parent, rel, splits[split]))
+            for split in updates
+            if (rel := f"annotations/{split}.txt") not in own
+        }
+        entries += _upload_files(store, sorted(split_files.items()), workers)
     files = parent.file_map
-    replaced = sum(1 for e in added if e.path in files)
-    for e in added:
-        files[e.path] = e
-    manifest = Manifest.build(
-        name=name,
+    replaced = sum(1 for e in entries if e.path in files)
+    files.update({e.path: e for e in entries})
+    if files == parent.file_map and splits == parent.splits:
+        return None
+    return Manifest.build(
+        name=parent.name,
         parent=parent.version,
         task=parent.task,
         classes=list(parent.classes),
         splits=splits,
         files=list(files.values()),
-        source={"kind": "add_samples", "parent": parent.version, "added": len(added) - replaced, "replaced": replaced},
-        notes=_check_notes(notes),
+        source={
+            "kind": "add_samples",
+            "parent": parent.version,
+            "added": len(entries) - replaced,
+            "replaced": replaced,
+        },
+        notes=notes,
     )
-    return write_manifest(store, manifest)
+
+
+def _rebase_target(base: Manifest, head: Manifest, added: Sequence[FileEntry]) -> Manifest:
+    """``head``, once it is clear that re-applying ``added`` onto it drops nothing the head
+    changed since ``base`` (the same file written with the same content is fine)."""
+    old, new = base.file_map, head.file_map
+    clash = sorted(e.path for e in added if new.get(e.path) not in (old.get(e.path), e))
+    if clash:
+        raise RebaseConflict(
+            f"cannot rebase onto {head.ref}: since {base.ref} it changed {', '.join(clash[:5])}"
+            f"{' ...' if len(clash) > 5 else ''}, which this change writes too; nothing was added: "
+            "redo the change from the new head",
+            head,
+        )
+    log.info("dataset %s: the head moved to %s; re-applying the change onto it", head.name, head.version)
+    return head
 
 
 def _bytes_loader(data: Union[bytes, bytearray, memoryview]) -> Callable[[], bytes]:
@@ -663,11 +913,16 @@ def list_versions(store: ObjectStore, name: str) -> list[Manifest]:
 
 
 def latest_version(store: ObjectStore, name: str) -> Manifest:
-    """The most recently created version of ``name``."""
-    versions = list_versions(store, name)
-    if not versions:
+    """The head of ``name`` (:func:`head_version`): the end of its lineage chain.
+
+    Stores written before lineage records existed fall back to the newest version by
+    ``created`` time. Versions that lost a race to become the head, and side branches,
+    are never returned.
+    """
+    head = head_version(store, name)
+    if head is None:
         raise DatasetError(f"dataset {name!r} has no versions in {store.describe()}")
-    return versions[-1]
+    return head
 
 
 def get_version(store: ObjectStore, name: str, version: str) -> Manifest:
@@ -965,7 +1220,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--classes", help="comma-separated class names (default: derived from the dataset)")
-    p.add_argument("--parent", help="parent version (id prefix or 'latest')")
+    p.add_argument("--parent", help="parent version (id prefix or 'latest'); must be the head")
+    p.add_argument("--branch", action="store_true", help="allow a side version off a parent that is not the head")
     p.add_argument("--note", action="append", default=[], metavar="KEY=VALUE")
 
     p = sub.add_parser("verify", parents=[common], help="check every blob of a version")
@@ -1025,7 +1281,16 @@ def _cmd_materialize(store: ObjectStore, args: argparse.Namespace) -> None:
 
 def _cmd_create(store: ObjectStore, args: argparse.Namespace) -> None:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    m = create_version(store, args.name, args.dir, args.task, classes, parent=args.parent, notes=parse_notes(args.note))
+    m = create_version(
+        store,
+        args.name,
+        args.dir,
+        args.task,
+        classes,
+        parent=args.parent,
+        notes=parse_notes(args.note),
+        branch=args.branch,
+    )
     print(f"{m.ref}  ({len(m.files)} files, {_fmt_size(m.total_bytes)})")
 
 

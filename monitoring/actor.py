@@ -25,16 +25,19 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from monitoring.rules import DEFAULT_RULES, RuleConfig, RuleEngine
 
 log = logging.getLogger("segloop.monitor")
 
 ACTOR_NAME = "segloop-monitor"
+ACTIVE = ("SUBMITTED", "PENDING", "RUNNING")
 NAMESPACE = "segloop"
 STATE_KEY = "monitor/state.json"
 
@@ -61,34 +64,76 @@ class MonitorConfig(BaseModel):
     job_working_dir: Optional[str] = Field(
         None, description="upload this dir with the job (cluster without segloop installed)"
     )
+    max_attempts: int = Field(3, ge=1, description="retraining attempts per dataset version, then an alert")
+    retry_backoff_s: float = Field(60.0, gt=0, description="wait after a failed job; doubles with each failure")
+    retry_backoff_max_s: float = Field(3600.0, gt=0)
+    job_timeout_s: float = Field(6 * 3600.0, gt=0, description="a retraining job running longer is stopped")
     dashboard_url: Optional[str] = Field(None, description="Ray dashboard (Jobs API); default: this cluster's")
     registered_model: str = "segloop-pets"
     switch_serve: bool = Field(False, description="pin Serve to the new champion; off when replicas follow the alias")
     data_dir: str = ".segloop"
     store: Optional[dict] = Field(None, description="dataplane.store.StoreConfig; default: SEGLOOP_STORE / local")
 
+    @field_validator("schedule_cron")
+    @classmethod
+    def _cron(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            check_cron(v)
+        return v
+
+    @field_validator("capture_on_alert")
+    @classmethod
+    def _policy(cls, v: dict) -> dict:
+        from dataplane.capture import parse_policy
+
+        return parse_policy(v).model_dump()
+
 
 # ----------------------------------------------------------------------------- schedule
 def cron_matches(expr: str, t: dt.datetime) -> bool:
     """Minimal 5-field cron (minute hour day-of-month month day-of-week): ``*``, lists, ranges, steps."""
+    check_cron(expr)
     fields = expr.split()
-    if len(fields) != 5:
-        raise ValueError(f"cron expression {expr!r} must have 5 fields (minute hour day month weekday)")
     values = (t.minute, t.hour, t.day, t.month, (t.weekday() + 1) % 7)
     bounds = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 6))
     return all(_cron_field(f, v, lo, hi) for f, v, (lo, hi) in zip(fields, values, bounds))
 
 
+CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("weekday", 0, 6))
+
+
+def check_cron(expr: str) -> None:
+    """Raise ValueError naming the first bad field (checked when the config loads, not at 3 a.m.)."""
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"cron expression {expr!r} must have 5 fields (minute hour day month weekday)")
+    for field, (what, lo, hi) in zip(fields, CRON_FIELDS):
+        for part in field.split(","):
+            try:
+                a, b, step = _cron_range(part, lo, hi)
+            except ValueError:
+                a, b, step = -1, -1, 0
+            if not (lo <= a <= b <= hi and step >= 1):
+                raise ValueError(
+                    f"cron expression {expr!r}: {what} field {part!r} is not *, N, N-M or */S with N, M in {lo}-{hi}"
+                )
+
+
+def _cron_range(part: str, lo: int, hi: int) -> tuple[int, int, int]:
+    rng, _, step = part.partition("/")
+    if rng == "*":
+        a, b = lo, hi
+    elif "-" in rng:
+        a, b = (int(x) for x in rng.split("-", 1))
+    else:
+        a = b = int(rng)
+    return a, b, int(step or 1)
+
+
 def _cron_field(field: str, value: int, lo: int, hi: int) -> bool:
     for part in field.split(","):
-        rng, _, step = part.partition("/")
-        if rng == "*":
-            a, b = lo, hi
-        elif "-" in rng:
-            a, b = (int(x) for x in rng.split("-"))
-        else:
-            a = b = int(rng)
-        if a <= value <= b and (value - a) % int(step or 1) == 0:
+        a, b, step = _cron_range(part, lo, hi)
+        if a <= value <= b and (value - a) % step == 0:
             return True
     return False
 
@@ -126,6 +171,9 @@ class Monitor:
             "events": [],
             "schedule_fired": None,
             "capture": None,
+            "attempts": {},
+            "retrain_blocked": None,
+            "last_tick": None,
             "totals": {"alerts": {}, "jobs": {}, "decisions": {}},
         }
         if self.store.exists(STATE_KEY):
@@ -137,8 +185,9 @@ class Monitor:
         )
         self._reader = None
         self._metrics = _Metrics(self.cfg.rules)
-        self._metrics.publish(self.state["totals"])
-        self._running = False
+        self._tick_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.publish()
 
     # -- signals
     def read_signals(self) -> dict[str, float | None]:
@@ -154,7 +203,10 @@ class Monitor:
     # -- one tick
     def tick(self, now: float | None = None, signals: dict[str, float | None] | None = None) -> list[dict]:
         """Evaluate once; returns the actions taken (also kept in the persisted state)."""
-        now = time.time() if now is None else now
+        with self._tick_lock:  # the loop's tick and a `tick_now` call never interleave
+            return self._tick(time.time() if now is None else now, signals)
+
+    def _tick(self, now: float, signals: dict[str, float | None] | None) -> list[dict]:
         actions: list[dict] = []
         if signals is None:
             try:
@@ -174,8 +226,9 @@ class Monitor:
         if not self.active_job():
             actions += self.maybe_retrain(now)
         self.state["engine"] = self.engine.to_dict()
+        self.state["last_tick"] = time.time()
         self.save()
-        self._metrics.publish(self.state["totals"])  # every tick: Ray drops gauges that are not re-set
+        self.publish()  # every tick: Ray drops gauges that are not re-set
         return [a for a in actions if a]
 
     def switch_capture(self, policy: dict, reason: str) -> dict:
@@ -192,9 +245,11 @@ class Monitor:
 
     # -- retraining
     def active_job(self) -> dict | None:
-        return next((j for j in self.state["jobs"] if j["status"] in ("PENDING", "RUNNING", "SUBMITTED")), None)
+        return next((j for j in self.state["jobs"] if j["status"] in ACTIVE), None)
 
     def maybe_retrain(self, now: float) -> list[dict]:
+        """Submit a job when the newest version has enough new samples or the schedule is due,
+        unless that version's failed attempts are backing off or used up."""
         from dataplane.versions import latest_version
         from segloop.errors import DatasetError
 
@@ -211,18 +266,65 @@ class Monitor:
         if trained is None:  # the serving model was trained on what exists now
             self.state["trained"] = {"version": latest.version, "samples": samples}
             return []
+        self.state["retrain_blocked"] = latest.version if self._exhausted(latest.version) else None
         reason = None
         if latest.version != trained["version"] and samples - trained["samples"] >= self.cfg.min_new_samples:
             reason = f"dataset {latest.version} has {samples - trained['samples']} new samples (>= {self.cfg.min_new_samples})"
         elif schedule_due(self.cfg, self.state.get("schedule_fired"), now):
-            self.state["schedule_fired"] = now
             reason = "schedule"
-        if reason is None:
+        if reason is None or self.state["retrain_blocked"] or now < self._retry_at(latest.version):
             return []
-        return [self.submit(latest.version, samples, reason)]
+        if reason == "schedule":
+            self.state["schedule_fired"] = now
+        return [self.submit(latest.version, samples, reason, now)]
 
-    def submit(self, version: str, samples: int, reason: str) -> dict:
-        client = self._jobs()
+    def _attempts(self, version: str) -> dict[str, Any]:
+        return self.state["attempts"].get(version) or {"failures": 0, "last_end": 0.0, "trigger": 0}
+
+    def _exhausted(self, version: str) -> bool:
+        return self._attempts(version)["failures"] >= self.cfg.max_attempts
+
+    def _retry_at(self, version: str) -> float:
+        """When the next attempt on ``version`` may start: exponential backoff after failures."""
+        a = self._attempts(version)
+        if not a["failures"]:
+            return 0.0
+        wait = min(self.cfg.retry_backoff_s * 2 ** (a["failures"] - 1), self.cfg.retry_backoff_max_s)
+        return a["last_end"] + wait
+
+    def submit(self, version: str, samples: int, reason: str, now: float | None = None) -> dict:
+        """Submit ``python -m train`` on ``version`` under an id that names the attempt, so a
+        monitor that dies between submitting and saving adopts its job instead of submitting twice."""
+        a = self._attempts(version)
+        trigger = a["trigger"] + (reason == "schedule")  # a schedule re-trains a version it has trained
+        submission_id = f"segloop-retrain-{version}-{trigger}-{a['failures'] + 1}"
+        try:
+            job_id = self._jobs().submit_job(
+                entrypoint=self._entrypoint(version),
+                submission_id=submission_id,
+                runtime_env=self._runtime_env(),
+                metadata={"segloop.reason": reason[:200], "segloop.dataset_version": version},
+            )
+        except RuntimeError as err:
+            if "already exists" not in str(err):
+                raise
+            job_id = submission_id  # submitted by this monitor before a restart: follow it
+        self.state["attempts"][version] = {**a, "trigger": trigger}
+        job = {
+            "id": job_id,
+            "status": "SUBMITTED",
+            "dataset_version": version,
+            "samples": samples,
+            "reason": reason,
+            "attempt": a["failures"] + 1,
+            "submitted": time.time() if now is None else now,
+        }
+        self.state["jobs"].append(job)
+        self._count("jobs", "submitted")
+        self.save()
+        return {"action": "retrain", **job}
+
+    def _entrypoint(self, version: str) -> str:
         cmd = [
             sys.executable,
             "-m",
@@ -235,41 +337,57 @@ class Monitor:
             f"data_dir={os.path.abspath(self.cfg.data_dir)}",
             *self.cfg.train_overrides,
         ]
-        runtime_env: dict[str, Any] = {"env_vars": _forwarded_env()}
+        return " ".join(_quote(c) for c in cmd)
+
+    def _runtime_env(self) -> dict[str, Any]:
+        env: dict[str, Any] = {"env_vars": _forwarded_env()}
         if self.cfg.job_working_dir:
-            runtime_env["working_dir"] = self.cfg.job_working_dir
-        job_id = client.submit_job(
-            entrypoint=" ".join(_quote(c) for c in cmd),
-            runtime_env=runtime_env,
-            metadata={"segloop.reason": reason[:200], "segloop.dataset_version": version},
-        )
-        job = {
-            "id": job_id,
-            "status": "SUBMITTED",
-            "dataset_version": version,
-            "samples": samples,
-            "reason": reason,
-            "submitted": time.time(),
-        }
-        self.state["jobs"].append(job)
-        self._count("jobs", "submitted")
-        self.save()
-        return {"action": "retrain", **job}
+            env["working_dir"] = self.cfg.job_working_dir
+        return env
 
     def follow_jobs(self, now: float) -> list[dict]:
+        """Poll the active job; a job past its deadline is stopped, one the cluster forgot released."""
         job = self.active_job()
         if job is None:
             return []
-        status = str(self._jobs().get_job_status(job["id"]).value)
+        try:
+            status = str(self._jobs().get_job_status(job["id"]).value)
+        except Exception as err:  # noqa: BLE001 - the Jobs API is down: try again next tick
+            if "status code 404" not in str(err):
+                log.warning("cannot read job %s: %s: %s", job["id"], type(err).__name__, err)
+                return []
+            status = "LOST"  # a restarted head forgot it: release it, count it as a failed attempt
         if status in ("PENDING", "RUNNING"):
             job["status"] = status
-            return []
+            if now - job["submitted"] <= self.cfg.job_timeout_s:
+                return []
+            status = "TIMED_OUT"
+            try:
+                self._jobs().stop_job(job["id"])
+            except Exception as err:  # noqa: BLE001 - reported; the job is released either way
+                log.warning("cannot stop job %s past its deadline: %s", job["id"], err)
+        return self.job_ended(job, status, now)
+
+    def job_ended(self, job: dict, status: str, now: float) -> list[dict]:
         job["status"], job["ended"] = status, now
-        self._count("jobs", "succeeded" if status == "SUCCEEDED" else "failed")
+        self._count("jobs", status.lower())
         actions: list[dict] = [{"action": "job_ended", "id": job["id"], "status": status}]
+        version = job["dataset_version"]
         if status == "SUCCEEDED":
-            self.state["trained"] = {"version": job["dataset_version"], "samples": job["samples"]}
+            self.state["trained"] = {"version": version, "samples": job["samples"]}
+            self.state["attempts"][version] = {**self._attempts(version), "failures": 0}
             job["decision_recorded"] = False
+            return actions
+        a = self._attempts(version)
+        self.state["attempts"][version] = {**a, "failures": a["failures"] + 1, "last_end": now}
+        if self._exhausted(version):
+            self._count("jobs", "exhausted")
+            self.state["retrain_blocked"] = version
+            actions.append({"action": "retrain_exhausted", "dataset_version": version, "attempts": a["failures"] + 1})
+            log.error("retraining on %s failed %d times: no more attempts on it", version, a["failures"] + 1)
+        else:
+            retry = self._retry_at(version)
+            actions.append({"action": "retry_scheduled", "dataset_version": version, "at": retry})
         return actions
 
     def record_pending_decisions(self) -> list[dict]:
@@ -329,35 +447,38 @@ class Monitor:
     def _count(self, kind: str, key: str) -> None:
         totals = self.state["totals"][kind]
         totals[key] = totals.get(key, 0) + 1
-        self._metrics.publish(self.state["totals"])
+        self.publish()
+
+    def publish(self) -> None:
+        self._metrics.publish(self.state["totals"], self.state["last_tick"], self.state["retrain_blocked"])
 
     def save(self) -> None:
         for key in ("events", "decisions", "jobs"):
             self.state[key] = self.state[key][-200:]
+        attempts = self.state["attempts"]
+        self.state["attempts"] = dict(list(attempts.items())[-50:])
         self.store.put_json(STATE_KEY, self.state)
 
     def status(self) -> dict[str, Any]:
         return {
             "firing": self.engine.firing(),
-            **{k: self.state[k] for k in ("trained", "capture")},
+            **{k: self.state[k] for k in ("trained", "capture", "last_tick", "retrain_blocked")},
             "jobs": self.state["jobs"][-5:],
             "decisions": self.state["decisions"][-5:],
+            "totals": self.state["totals"],
         }
 
-    async def run(self) -> None:
-        """The actor's loop; ``tick`` work is blocking, so it runs in a thread."""
-        import asyncio
-
-        self._running = True
-        while self._running:
+    def run_forever(self) -> None:
+        """Tick every ``interval_s`` until :meth:`stop`; a failing tick is logged, never fatal."""
+        while not self._stopped.is_set():
             try:
-                await asyncio.to_thread(self.tick)
+                self.tick()
             except Exception:
                 log.exception("monitor tick failed")
-            await asyncio.sleep(self.cfg.interval_s)
+            self._stopped.wait(self.cfg.interval_s)
 
     def stop(self) -> None:
-        self._running = False
+        self._stopped.set()
 
 
 class _Metrics:
@@ -371,7 +492,7 @@ class _Metrics:
     ``publish`` runs on every tick.
     """
 
-    JOB_STATUSES = ("submitted", "succeeded", "failed")
+    JOB_STATUSES = ("submitted", "succeeded", "failed", "stopped", "lost", "timed_out", "exhausted")
     DECISIONS = ("promoted", "rejected")
     ALERT_STATES = ("firing", "resolved")
 
@@ -385,10 +506,14 @@ class _Metrics:
             )
             self._jobs = Gauge("segloop_retrain_jobs", "retraining jobs so far, by status", tag_keys=("status",))
             self._promos = Gauge("segloop_promotions", "champion/challenger decisions so far", tag_keys=("decision",))
+            self._tick = Gauge("segloop_monitor_last_tick_seconds", "unix time of the monitor's last completed tick")
+            self._blocked = Gauge(
+                "segloop_retrain_blocked", "1 while the newest dataset version has used up its retraining attempts"
+            )
         except Exception:  # noqa: BLE001 - outside a Ray worker (unit tests): no metrics
-            self._alerts = self._jobs = self._promos = None
+            self._alerts = self._jobs = self._promos = self._tick = self._blocked = None
 
-    def publish(self, totals: dict[str, dict[str, int]]) -> None:
+    def publish(self, totals: dict[str, dict[str, int]], last_tick: float | None, blocked: str | None) -> None:
         if self._alerts is None:
             return
         alerts = {f"{r}|{s}": 0 for r in self._rules for s in self.ALERT_STATES} | totals["alerts"]
@@ -399,6 +524,9 @@ class _Metrics:
             self._jobs.set(n, tags={"status": status})
         for decision, n in ({d: 0 for d in self.DECISIONS} | totals["decisions"]).items():
             self._promos.set(n, tags={"decision": decision})
+        if last_tick is not None:
+            self._tick.set(last_tick)
+        self._blocked.set(1 if blocked else 0)
 
 
 def _dashboard_url() -> str:
@@ -429,6 +557,30 @@ def _quote(s: str) -> str:
 
 
 # ----------------------------------------------------------------------------- Ray actor + CLI
+def resolve_train_config(cfg: MonitorConfig) -> MonitorConfig:
+    """Check ``train_config`` where the jobs will read it, before the monitor starts.
+
+    With ``job_working_dir`` a relative path is read inside that uploaded directory; without
+    it the job runs in another process and directory, so a relative path becomes absolute here.
+    """
+    from segloop.errors import ConfigError
+
+    path = Path(cfg.train_config).expanduser()
+    if cfg.job_working_dir:
+        workdir = Path(cfg.job_working_dir)
+        if workdir.is_dir() and not path.is_absolute() and not (workdir / path).is_file():
+            raise ConfigError(f"train_config {str(path)!r} is not a file inside job_working_dir {str(workdir)!r}")
+        return cfg
+    if path.is_absolute():
+        return cfg
+    if not path.is_file():
+        raise ConfigError(
+            f"train_config {str(path)!r} not found relative to {Path.cwd()}: give an absolute path, "
+            "or set job_working_dir to the directory the jobs should upload"
+        )
+    return cfg.model_copy(update={"train_config": str(path.resolve())})
+
+
 def start(config: dict[str, Any], restart: bool = False) -> Any:
     """Start (or find) the detached named actor and its loop; returns the handle.
 
@@ -440,7 +592,8 @@ def start(config: dict[str, Any], restart: bool = False) -> Any:
     from dataplane.store import StoreConfig
     from segloop.settings import require_shared_services, store_config
 
-    cfg = MonitorConfig.model_validate(config)
+    cfg = resolve_train_config(MonitorConfig.model_validate(config))
+    config = cfg.model_dump(mode="json")
     store = StoreConfig.model_validate(cfg.store) if cfg.store else store_config(cfg.data_dir)
     require_shared_services(store=store, tracking=None, what="monitoring")
     try:
@@ -463,15 +616,17 @@ def start(config: dict[str, Any], restart: bool = False) -> Any:
     handle = actor_cls.options(
         name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", runtime_env={"env_vars": _forwarded_env()}
     ).remote(config)
-    handle.run.remote()
+    ray.get(handle.status.remote(), timeout=120)  # a constructor error (store unreachable) surfaces here
     return handle
 
 
 class MonitorActor(Monitor):
-    """The Ray actor class (async so ``status``/``tick`` answer while ``run`` loops)."""
+    """The Ray actor: its loop starts in the constructor, so an actor Ray restarts after a
+    crash (``max_restarts=-1``) reloads its state and ticks again without anyone calling it."""
 
-    async def run(self) -> None:  # type: ignore[override]
-        await Monitor.run(self)
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        threading.Thread(target=self.run_forever, name="segloop-monitor-loop", daemon=True).start()
 
     async def status(self) -> dict[str, Any]:  # type: ignore[override]
         return Monitor.status(self)

@@ -27,8 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from segloop.errors import ConfigError
 
-Signal = Literal["mean_confidence", "mean_entropy", "error_rate"]
-SIGNALS: tuple[str, ...] = ("mean_confidence", "mean_entropy", "error_rate")
+# error_rate counts server errors (5xx) only; client_error_rate (4xx: bad input, auth, too large) is
+# the callers' doing and has no default rule, but a configured one (e.g. severity info) may watch it.
+Signal = Literal["mean_confidence", "mean_entropy", "error_rate", "client_error_rate"]
+SIGNALS: tuple[str, ...] = ("mean_confidence", "mean_entropy", "error_rate", "client_error_rate")
 STATE_VERSION = 1
 
 

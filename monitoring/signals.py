@@ -1,16 +1,18 @@
 """Read the windowed signals the alert rules watch (monitoring/rules.py, monitoring/alerts.yml).
 
-Two sources, same result ``{"mean_confidence", "mean_entropy", "error_rate", "requests"}``:
+Two sources, same result ``{"mean_confidence", "mean_entropy", "error_rate", "client_error_rate", "requests"}``:
 
 * ``query_prometheus(url, window_s)`` asks a Prometheus server with the PromQL of alerts.yml;
 * ``RayMetricsReader(url, window_s).read()`` scrapes Ray's metrics endpoint itself (no Prometheus
   needed) and computes the same quantities from the increments between its scrapes.
 
 Definitions over the window: mean confidence/entropy = increase of the histogram's _sum / increase of
-its _count; error rate = failed / all requests, counted by ``segloop_predictions`` (the ingress counts
-every answered /predict request there once, ``status="error"`` for every rejection and model failure;
-``segloop_rejections`` is the breakdown of those by reason); requests = all requests. A value is
-``None`` when it is undefined (no traffic in the window), which the rules treat as "no data".
+its _count; error rate = server errors (5xx) / all requests and client error rate = client errors (4xx)
+/ all requests, counted by ``segloop_predictions`` (the ingress counts every answered /predict request
+there once, with ``status`` = ``ok``, ``client_error`` or ``server_error`` by the HTTP status it
+answered, which is also the ``code`` label; ``segloop_rejections`` breaks the errors down by reason);
+requests = all requests. A value is ``None`` when it is undefined (no traffic in the window), which
+the rules treat as "no data".
 
 Ray exports a Ray-side metric ``segloop_x`` as ``ray_segloop_x`` (counters ``ray_segloop_x_total``),
 one series per worker process, so everything is summed over series.
@@ -31,7 +33,9 @@ from typing import Any
 from monitoring import metric_names as metrics
 from segloop.errors import ConfigError, SegloopError
 
-SIGNALS: tuple[str, ...] = ("mean_confidence", "mean_entropy", "error_rate")
+SIGNALS: tuple[str, ...] = ("mean_confidence", "mean_entropy", "error_rate", "client_error_rate")
+# The ``status`` of segloop_predictions each error signal counts (error_rate: 5xx only).
+ERROR_STATUS: dict[str, str] = {"error_rate": "server_error", "client_error_rate": "client_error"}
 KEYS: tuple[str, ...] = (*SIGNALS, "requests")
 
 # Prometheus-side names of the serving metrics (monitoring/alerts.yml spells them out).
@@ -70,16 +74,17 @@ def promql(signal: str, window_s: float = 300) -> str:
         return _mean(CONFIDENCE, w)
     if signal == "mean_entropy":
         return _mean(ENTROPY, w)
-    if signal == "error_rate":
+    if signal in ERROR_STATUS:
         # no error series yet (Ray exports a counter once incremented) is 0 errors, not "no data"
-        return f'(sum(rate({PREDICTIONS}{{status="error"}}[{w}])) or vector(0)) / sum(rate({PREDICTIONS}[{w}]))'
+        errors = f'sum(rate({PREDICTIONS}{{status="{ERROR_STATUS[signal]}"}}[{w}]))'
+        return f"({errors} or vector(0)) / sum(rate({PREDICTIONS}[{w}]))"
     if signal == "requests":
         return f"sum(increase({PREDICTIONS}[{w}])) or vector(0)"
     raise ConfigError(f"unknown signal {signal!r}: expected one of {', '.join(KEYS)}")
 
 
 def promql_queries(window_s: float = 300) -> dict[str, str]:
-    """All four expressions, keyed like the result of ``query_prometheus``."""
+    """Every expression, keyed like the result of ``query_prometheus``."""
     return {key: promql(key, window_s) for key in KEYS}
 
 
@@ -140,6 +145,7 @@ def query_prometheus(
 # --- straight from Ray's metrics endpoint -------------------------------------------------------
 
 _WANTED = (f"{CONFIDENCE}_sum", f"{CONFIDENCE}_count", f"{ENTROPY}_sum", f"{ENTROPY}_count", PREDICTIONS)
+_ERRORS = tuple(ERROR_STATUS.values())  # the error statuses of PREDICTIONS, counted apart
 SeriesKey = tuple[str, str, frozenset]  # (url, sample name, labels)
 
 
@@ -163,20 +169,19 @@ def parse_series(text: str, source: str = "") -> dict[SeriesKey, float]:
 def _increments(prev: Mapping[SeriesKey, float], cur: Mapping[SeriesKey, float]) -> dict[str, float]:
     """Per-series increase between two scrapes, summed per sample name. A series that went down was
     reset (worker restarted) and counts from zero; a new series counts whole."""
-    totals = dict.fromkeys(_WANTED, 0.0)
-    errors = 0.0
+    totals = dict.fromkeys((*_WANTED, *_ERRORS), 0.0)
     for key, value in cur.items():
         before = prev.get(key)
         inc = value if before is None or value < before else value - before
         totals[key[1]] += inc
-        if key[1] == PREDICTIONS and ("status", "error") in key[2]:
-            errors += inc
-    totals["errors"] = errors
+        status = dict(key[2]).get("status", "") if key[1] == PREDICTIONS else ""
+        if status in _ERRORS:
+            totals[status] += inc
     return totals
 
 
 def signals_from_increments(inc: Mapping[str, float]) -> dict[str, float | None]:
-    """The four signals from summed increments (keys of ``_WANTED`` plus ``errors``)."""
+    """The signals from summed increments (keys of ``_WANTED`` plus the error statuses)."""
 
     def ratio(a: float, b: float) -> float | None:
         return a / b if b > 0 else None
@@ -184,7 +189,7 @@ def signals_from_increments(inc: Mapping[str, float]) -> dict[str, float | None]
     return {
         "mean_confidence": ratio(inc[f"{CONFIDENCE}_sum"], inc[f"{CONFIDENCE}_count"]),
         "mean_entropy": ratio(inc[f"{ENTROPY}_sum"], inc[f"{ENTROPY}_count"]),
-        "error_rate": ratio(inc["errors"], inc[PREDICTIONS]),
+        **{signal: ratio(inc[status], inc[PREDICTIONS]) for signal, status in ERROR_STATUS.items()},
         "requests": inc[PREDICTIONS],
     }
 
@@ -238,7 +243,7 @@ class RayMetricsReader:
         self._last = cur
         while self._history and self._history[0][0] <= now - self.window_s:
             self._history.popleft()
-        window = dict.fromkeys((*_WANTED, "errors"), 0.0)
+        window = dict.fromkeys((*_WANTED, *_ERRORS), 0.0)
         for _, inc in self._history:
             for k, v in inc.items():
                 window[k] += v

@@ -30,6 +30,10 @@ class StoreError(SegloopError, RuntimeError):
     """The object store refused an operation or holds inconsistent data."""
 
 
+class ServiceError(SegloopError, RuntimeError):
+    """A shared service (the MLflow server, Ray) failed or could not be reached."""
+
+
 # The exit codes of every segloop command (scripts and the monitor's jobs rely on them).
 EXIT_FAILURE = 1  # a service (object store, MLflow, Ray) failed or holds inconsistent data
 EXIT_USAGE = 2  # bad input: a flag, a config, a dataset or annotation file, a model name
@@ -40,7 +44,7 @@ def exit_code(err: BaseException) -> int:
     """The exit code for ``err``: input errors 2, store/service failures 1, Ctrl-C 130."""
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(err, StoreError):
+    if isinstance(err, (StoreError, ServiceError)):
         return EXIT_FAILURE
     return EXIT_USAGE
 

@@ -106,16 +106,17 @@ def check_host(hidden: list[Path]) -> None:
                 raise Unavailable(f"{keep} lies inside {d}: it cannot be hidden from the second node")
 
 
-def start_mlflow_server(base: Path) -> tuple[subprocess.Popen, str]:
-    """A real tracking server (SQLite behind it, artifacts proxied through it)."""
+def start_mlflow_server(base: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real tracking server (SQLite behind it, artifacts proxied through it); ``port`` to
+    start it again where it was."""
     import requests
 
-    port, home = free_port(), base / "mlflow"
+    port, home = port or free_port(), base / "mlflow"
     home.mkdir(exist_ok=True)
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
         + ["--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts")],
-        stdout=open(home / "server.log", "w"),
+        stdout=open(home / "server.log", "a"),
         stderr=subprocess.STDOUT,
         # its own process group, so stop() takes its workers with it; MLflow's server-side job
         # runner (a pool of Huey consumers) is not used by segloop

@@ -105,8 +105,10 @@ class SegIngress:
     def _reject(
         self, reason: str, message: str, status: Optional[int] = None, headers: Optional[dict] = None
     ) -> Response:
-        self._metrics.rejected(reason, self._version, self._task)
-        return _error(reason, message, status, headers)
+        """Every failed /predict answer: the metrics get the HTTP status the client gets."""
+        code = status or STATUS[reason]
+        self._metrics.rejected(reason, code, self._version, self._task)
+        return _error(reason, message, code, headers)
 
     # -- endpoints ----------------------------------------------------------------------------
 

@@ -27,19 +27,31 @@ from monitoring.metric_names import (  # the names the watch side reads
 )
 
 
+def status_class(code: int) -> str:
+    """The ``status`` tag of ``segloop_predictions`` for the HTTP status code a request was answered with."""
+    if code < 400:
+        return "ok"
+    return "client_error" if code < 500 else "server_error"
+
+
 @dataclass
 class IngressMetrics:
     predictions: Any
     request_latency: Any
     rejections: Any
 
+    def answered(self, code: int, version: str, task: str) -> None:
+        """Count one answered /predict request: ``status`` (its class) and ``code`` come from ``code``."""
+        tags = {"model_version": version, "task": task, "status": status_class(code), "code": str(code)}
+        self.predictions.inc(1, tags=tags)
+
     def ok(self, version: str, task: str, latency_s: float) -> None:
-        self.predictions.inc(1, tags={"model_version": version, "task": task, "status": "ok"})
+        self.answered(200, version, task)
         self.request_latency.observe(latency_s, tags={"model_version": version})
 
-    def rejected(self, reason: str, version: str, task: str) -> None:
+    def rejected(self, reason: str, code: int, version: str, task: str) -> None:
         self.rejections.inc(1, tags={"reason": reason})
-        self.predictions.inc(1, tags={"model_version": version, "task": task, "status": "error"})
+        self.answered(code, version, task)
 
 
 @dataclass
@@ -67,8 +79,9 @@ def ingress_metrics() -> IngressMetrics:
     return IngressMetrics(
         predictions=Counter(
             PREDICTIONS,
-            description="Predictions answered, by model version, task and status (ok|error).",
-            tag_keys=("model_version", "task", "status"),
+            description="Answered /predict requests by model version, task, status (ok|client_error|server_error)"
+            " and HTTP code.",
+            tag_keys=("model_version", "task", "status", "code"),
         ),
         request_latency=Histogram(
             REQUEST_LATENCY,

@@ -26,6 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "multinode: a real two-node Ray cluster whose second node shares no disk (root, unshare)"
     )
+    config.addinivalue_line("markers", "faults: a fault caused for real (a killed process, a locked store, a race)")
     config.addinivalue_line(
         "markers", "long: over the CI time budget on 2 cores (6+ min); runs with SEGLOOP_LONG_TESTS=1 (make test-long)"
     )

@@ -97,3 +97,38 @@ def test_a_decision_mlflow_cannot_give_yet_is_read_on_a_later_tick(
     assert [a["decision"] for a in acts] == ["promoted"] and m.state["jobs"][0]["decision_recorded"] is True
     assert m.state["totals"]["decisions"] == {"promoted": 1}
     assert m.record_pending_decisions() == []  # read once
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"schedule_cron": "0 3 * *"}, "must have 5 fields"),
+        ({"schedule_cron": "61 3 * * *"}, "minute field '61'"),
+        ({"schedule_cron": "0 3 * * mon"}, "weekday field 'mon'"),
+        ({"capture_on_alert": {"mode": "sometimes"}}, "mode"),
+        ({"capture_on_alert": {"mode": "entropy", "threshold": 2}}, "threshold"),
+        ({"max_attempts": 0}, "max_attempts"),
+    ],
+)
+def test_bad_monitor_config_is_refused_when_loaded(bad: dict, message: str) -> None:
+    from segloop.config import validate
+    from segloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        validate(MonitorConfig, bad)
+
+
+def test_train_config_is_checked_where_the_jobs_will_read_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from monitoring.actor import resolve_train_config
+    from segloop.errors import ConfigError
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "pets.yaml").write_text("epochs: 1\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_train_config(MonitorConfig()).train_config == str(tmp_path / "configs" / "pets.yaml")
+    kept = MonitorConfig(job_working_dir=str(tmp_path))  # read inside the uploaded directory
+    assert resolve_train_config(kept).train_config == "configs/pets.yaml"
+    with pytest.raises(ConfigError, match="not found relative to"):
+        resolve_train_config(MonitorConfig(train_config="configs/nope.yaml"))
+    with pytest.raises(ConfigError, match="inside job_working_dir"):
+        resolve_train_config(MonitorConfig(train_config="nope.yaml", job_working_dir=str(tmp_path)))

@@ -223,6 +223,18 @@ def test_alerts_mirror_the_default_rules(rule):
     assert f'ALERTS{{alertname="{alert["alert"]}",alertstate="firing"}}' in expr
 
 
+def test_error_rate_counts_server_errors_only():
+    """5xx page (error_rate, SegloopHighErrorRate); 4xx have their own signal and panel, and no alert."""
+    assert 'status="server_error"' in promql("error_rate") and "client_error" not in promql("error_rate")
+    assert 'status="client_error"' in promql("client_error_rate")
+    assert not [a["alert"] for a in alert_rules() if "client_error" in a["expr"] or 'status="error"' in a["expr"]]
+    (panel,) = [p for p in dashboard_panels() if p["title"].startswith("Error rates")]
+    assert [_nospace(t["expr"]) for t in panel["targets"]] == [
+        _nospace(promql("error_rate")),
+        _nospace(promql("client_error_rate")),
+    ]
+
+
 # --- Grafana dashboard ---------------------------------------------------------------------------
 
 

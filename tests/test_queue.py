@@ -20,7 +20,15 @@ from pycocotools import mask as mask_utils
 import dataplane.annotation as q
 from dataplane.capture import new_capture_id
 from dataplane.store import LocalStore, blob_key
-from dataplane.versions import create_version, get_version, list_versions, materialize, verify_version
+from dataplane.versions import (
+    HeadMoved,
+    create_version,
+    get_version,
+    latest_version,
+    list_versions,
+    materialize,
+    verify_version,
+)
 from segloop.errors import ConfigError, DatasetError, StoreError
 from serve_app.capture import Capturer
 from serve_app.postprocess import semantic_fields
@@ -230,8 +238,10 @@ def test_coco_and_label_studio_pre_annotations_import_back(tmp_path, pets):
         del t["data"]["capture_id"]  # found in the upload name instead
     ls_path = tmp_path / "ls_export.json"
     ls_path.write_text(json.dumps(tasks))
-    m2 = q.import_annotations(store, "pets", parent.version, ls_path)
-    assert m2.version != m.version
+    with pytest.raises(HeadMoved, match="is not the head"):  # parent is behind: never a silent fork
+        q.import_annotations(store, "pets", parent.version, ls_path)
+    m2 = q.import_annotations(store, "pets", parent.version, ls_path, branch=True)  # an alternative, on purpose
+    assert m2.version != m.version and latest_version(store, "pets").version == m.version
     out2 = materialize(store, m2, tmp_path / "ls")
     for cid, tri in predicted.items():
         got = trimap_of(out2, cid)

@@ -34,8 +34,10 @@ from monitoring.signals import (
     ray_metrics_urls,
 )
 from segloop.errors import ConfigError
+from serve_app.imaging import STATUS
+from serve_app.metrics import status_class
 from tests.conftest import free_port
-from tests.test_monitoring_config import ALERTS_YML, PROMETHEUS_YML, dashboard_queries, run_prometheus
+from tests.test_monitoring_config import ALERTS_YML, PROMETHEUS_YML, alert_rules, dashboard_queries, run_prometheus
 
 LOW_CONF = RuleConfig(
     name="low_confidence",
@@ -216,8 +218,9 @@ def test_prom_duration_and_promql():
         prom_duration(0)
 
 
-def exposition(conf=(0.0, 0.0), ent=(0.0, 0.0), ok=0.0, err=0.0, rejected=0.0, worker="w1") -> str:
-    """A Ray-like exposition of the serving metrics (histogram sum/count pairs, counters)."""
+def exposition(conf=(0.0, 0.0), ent=(0.0, 0.0), ok=0.0, err=0.0, client_err=0.0, rejected=0.0, worker="w1") -> str:
+    """A Ray-like exposition of the serving metrics (histogram sum/count pairs, counters);
+    ``err`` counts server errors (5xx), ``client_err`` client errors (4xx)."""
     lab = f'Component="core_worker",WorkerId="{worker}",model_version="1"'
     lines = []
     for name, (s, c) in (("ray_segloop_confidence", conf), ("ray_segloop_entropy", ent)):
@@ -232,8 +235,9 @@ def exposition(conf=(0.0, 0.0), ent=(0.0, 0.0), ok=0.0, err=0.0, rejected=0.0, w
     lines += [
         "# HELP ray_segloop_predictions_total x",
         "# TYPE ray_segloop_predictions_total counter",
-        f'ray_segloop_predictions_total{{{lab},status="ok",task="semantic"}} {ok}',
-        f'ray_segloop_predictions_total{{{lab},status="error",task="semantic"}} {err}',
+        f'ray_segloop_predictions_total{{{lab},code="200",status="ok",task="semantic"}} {ok}',
+        f'ray_segloop_predictions_total{{{lab},code="500",status="server_error",task="semantic"}} {err}',
+        f'ray_segloop_predictions_total{{{lab},code="400",status="client_error",task="semantic"}} {client_err}',
         "# HELP ray_segloop_rejections_total x",
         "# TYPE ray_segloop_rejections_total counter",
         f'ray_segloop_rejections_total{{Component="core_worker",WorkerId="{worker}",reason="truncated"}} {rejected}',
@@ -301,25 +305,36 @@ def test_ray_reader_windowed_deltas_and_resets():
             "mean_confidence": None,
             "mean_entropy": None,
             "error_rate": None,
+            "client_error_rate": None,
             "requests": 0.0,
         }
 
-        page["w1"] = exposition(conf=(3.0, 10), ent=(2.0, 10), ok=8, err=2, rejected=2)
+        # the error rate counts 5xx only; 4xx are the client error rate (both count in the requests)
+        page["w1"] = exposition(conf=(3.0, 10), ent=(2.0, 10), ok=6, err=2, client_err=2, rejected=4)
         got = reader.read(now=20)
-        assert got == pytest.approx({"mean_confidence": 0.3, "mean_entropy": 0.2, "error_rate": 0.2, "requests": 10.0})
+        assert got == pytest.approx(
+            {"mean_confidence": 0.3, "mean_entropy": 0.2, "error_rate": 0.2, "client_error_rate": 0.2, "requests": 10.0}
+        )
 
         # another worker appears (counts whole), w1 restarts (its counters go down: counts from zero)
         page["w2"] = exposition(conf=(9.0, 10), ent=(8.0, 10), ok=10, worker="w2").split("\n", 2)[2]
-        page["w1"] = exposition(conf=(0.5, 5), ent=(0.5, 5), ok=5, err=0, rejected=0)
+        page["w1"] = exposition(conf=(0.5, 5), ent=(0.5, 5), ok=5, err=0, client_err=0, rejected=0)
         got = reader.read(now=30)
         # window (0..30]: w1 before restart 3.0/10 + w1 after 0.5/5 + w2 9.0/10
         assert got["mean_confidence"] == pytest.approx((3.0 + 0.5 + 9.0) / 25)
         assert got["requests"] == pytest.approx(10 + 5 + 10)
         assert got["error_rate"] == pytest.approx(2 / 25)
+        assert got["client_error_rate"] == pytest.approx(2 / 25)
 
         # 60 s later, only increments newer than the window count; none -> no data
         got = reader.read(now=95)
-        assert got == {"mean_confidence": None, "mean_entropy": None, "error_rate": None, "requests": 0.0}
+        assert got == {
+            "mean_confidence": None,
+            "mean_entropy": None,
+            "error_rate": None,
+            "client_error_rate": None,
+            "requests": 0.0,
+        }
 
 
 def test_unreachable_sources_name_the_url():
@@ -341,7 +356,9 @@ def test_query_prometheus_on_scraped_endpoint(tmp_path: Path):
 
     def page() -> str:
         t = time.time() - t0
-        return exposition(conf=(3 * t, 10 * t), ent=(7 * t, 10 * t), ok=9 * t, err=1 * t, rejected=1 * t)
+        return exposition(
+            conf=(3 * t, 10 * t), ent=(7 * t, 10 * t), ok=7 * t, err=1 * t, client_err=2 * t, rejected=3 * t
+        )
 
     with serve_text(page) as url:
         target = url.removeprefix("http://").removesuffix("/metrics")
@@ -362,12 +379,14 @@ def test_query_prometheus_on_scraped_endpoint(tmp_path: Path):
             assert got["mean_confidence"] == pytest.approx(0.3, abs=1e-6)
             assert got["mean_entropy"] == pytest.approx(0.7, abs=1e-6)
             assert got["error_rate"] == pytest.approx(0.1, abs=1e-6)
+            assert got["client_error_rate"] == pytest.approx(0.2, abs=1e-6)
             assert got["requests"] > 0
             # an hour before there was nothing: no data, and zero requests
             assert query_prometheus(prom.url, window_s=5, at=before) == {
                 "mean_confidence": None,
                 "mean_entropy": None,
                 "error_rate": None,
+                "client_error_rate": None,
                 "requests": 0.0,
             }
 
@@ -402,7 +421,9 @@ def _emitter_class():
                 tag_keys=("model_version",),
             )
             self.pred = Counter(
-                "segloop_predictions", description="Predictions served.", tag_keys=("model_version", "task", "status")
+                "segloop_predictions",
+                description="Predictions served.",
+                tag_keys=("model_version", "task", "status", "code"),
             )
             self.rej = Counter("segloop_rejections", description="Rejected requests.", tag_keys=("reason",))
 
@@ -416,23 +437,28 @@ def _emitter_class():
                 self.ent.observe(e, tags={"model_version": version})
             tags = {"model_version": version, "task": "semantic"}
             if ok:
-                self.pred.inc(ok, tags={**tags, "status": "ok"})
-            for reason, n in rejected.items():  # as the ingress does: a rejection is also a failed prediction
+                self.pred.inc(ok, tags={**tags, "status": "ok", "code": "200"})
+            for reason, (status, code, n) in rejected.items():  # as the ingress: also a failed prediction
                 self.rej.inc(n, tags={"reason": reason})
-                self.pred.inc(n, tags={**tags, "status": "error"})
+                self.pred.inc(n, tags={**tags, "status": status, "code": code})
 
     return Emitter
 
 
 # Ray (2.60) exports a histogram's _sum as count x bucket midpoint, not the observed values
 # (ray/_private/telemetry/open_telemetry_metric_recorder.py); midpoints keep the expected means exact.
+def rejections(*reasons: str) -> dict[str, tuple[str, str, int]]:
+    """One rejection per reason, tagged by the ingress's own mapping: reason -> (status, code, n)."""
+    return {r: (status_class(STATUS[r]), str(STATUS[r]), 1) for r in reasons}
+
+
 BATCH = dict(
     conf=[0.225, 0.425, 0.875, 0.675],
     ent=[0.125, 0.275, 0.475, 0.325],
     ok=6,
-    rejected={"not_an_image": 1, "truncated": 1},
+    rejected=rejections("not_an_image", "internal"),  # a 400 and a 500
 )
-EXPECTED = {"mean_confidence": 0.55, "mean_entropy": 0.3, "error_rate": 0.25}
+EXPECTED = {"mean_confidence": 0.55, "mean_entropy": 0.3, "error_rate": 0.125, "client_error_rate": 0.125}
 
 
 def _matches(got: dict) -> bool:
@@ -479,15 +505,15 @@ def test_query_prometheus_scraping_ray_via_service_discovery(ray_cluster, tmp_pa
         wid = ray.get(emitter.worker_id.remote())
         # Warm-up: create every series first; Prometheus counts increases from a series' first sample on.
         ray.get(
-            emitter.emit.remote(conf=[0.5] * 50, ent=[0.5] * 50, ok=50, rejected={"not_an_image": 1, "truncated": 1})
+            emitter.emit.remote(conf=[0.5] * 50, ent=[0.5] * 50, ok=50, rejected=rejections("not_an_image", "internal"))
         )
         with run_prometheus(yaml.safe_dump(cfg), tmp_path / "prom") as prom:
             warm = f'ray_segloop_predictions_total{{WorkerId="{wid}"}}'
             deadline = time.monotonic() + 60
             while sum(float(r["value"][1]) for r in prom.query(warm)) < 52 and time.monotonic() < deadline:
                 time.sleep(0.5)
-            rejections = prom.query(f'ray_segloop_rejections_total{{WorkerId="{wid}"}}')
-            assert sorted(r["metric"]["reason"] for r in rejections) == ["not_an_image", "truncated"], (
+            rejected = prom.query(f'ray_segloop_rejections_total{{WorkerId="{wid}"}}')
+            assert sorted(r["metric"]["reason"] for r in rejected) == ["internal", "not_an_image"], (
                 f"no warm-up metrics in Prometheus:\n{prom.log.read_text()[-2000:]}"
             )
             # Exported names, labels and buckets, as Prometheus sees them.
@@ -526,7 +552,7 @@ def test_query_prometheus_scraping_ray_via_service_discovery(ray_cluster, tmp_pa
             with urllib.request.urlopen(f"{prom.url}/api/v1/rules", timeout=5) as r:
                 groups = json.load(r)["data"]["groups"]
             rules = [rule for g in groups for rule in g["rules"]]
-            assert len(rules) == 5
+            assert len(rules) == len(alert_rules())
             assert all(rule["health"] in ("ok", "unknown") for rule in rules), rules
     finally:
         ray.kill(emitter)

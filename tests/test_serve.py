@@ -147,7 +147,9 @@ def test_custom_metrics_exported(serve_urls, ray_cluster):
 
     expected = {
         ("ray_segloop_predictions_total", (("status", "ok"), ("model_version", version), ("task", "semantic"))): 3,
-        ("ray_segloop_predictions_total", (("status", "error"),)): 3,
+        ("ray_segloop_predictions_total", (("status", "ok"), ("code", "200"))): 3,
+        ("ray_segloop_predictions_total", (("status", "client_error"), ("code", "400"))): 3,
+        ("ray_segloop_predictions_total", (("status", "server_error"),)): 0,
         ("ray_segloop_rejections_total", (("reason", "not_an_image"),)): 2,
         ("ray_segloop_rejections_total", (("reason", "empty_body"),)): 1,
         ("ray_segloop_request_latency_s_count", (("model_version", version),)): 3,
@@ -178,6 +180,48 @@ def test_custom_metrics_exported(serve_urls, ray_cluster):
     # Serve's own metrics stay on
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     assert "ray_serve_num_http_requests" in text or "ray_serve_deployment_request_counter" in text
+
+
+class _Recorder:
+    """Stands in for a Ray counter/histogram: keeps the tags of every call."""
+
+    def __init__(self) -> None:
+        self.tags: list[dict] = []
+
+    def inc(self, value: float, tags: dict) -> None:
+        self.tags.append(tags)
+
+    observe = inc
+
+
+def test_predictions_are_labelled_by_the_http_status_returned():
+    """No Ray needed: every answer's ``status`` (class) and ``code`` tags are the status the client gets."""
+    from types import SimpleNamespace
+
+    from serve_app.app import SegIngress
+    from serve_app.metrics import IngressMetrics
+
+    metrics = IngressMetrics(predictions=_Recorder(), request_latency=_Recorder(), rejections=_Recorder())
+    ingress = SimpleNamespace(_metrics=metrics, _version="3", _task="semantic")
+    want = {
+        ("not_an_image", None): ("400", "client_error"),
+        ("unauthorized", None): ("401", "client_error"),
+        ("body_too_large", None): ("413", "client_error"),
+        ("unsupported_format", None): ("415", "client_error"),
+        ("internal", None): ("500", "server_error"),  # the model failed
+        ("overloaded", None): ("503", "server_error"),  # the model queue is full
+        ("overloaded", 504): ("504", "server_error"),  # the model did not answer in time
+    }
+    got = {}
+    for reason, status in want:
+        code = SegIngress.func_or_class._reject(ingress, reason, "message", status).status_code
+        tags = metrics.predictions.tags[-1]
+        assert str(code) == tags["code"] and (tags["model_version"], tags["task"]) == ("3", "semantic")
+        got[(reason, status)] = (tags["code"], tags["status"])
+    assert got == want
+    assert [t["reason"] for t in metrics.rejections.tags] == [reason for reason, _ in want]
+    metrics.ok("3", "semantic", 0.1)
+    assert metrics.predictions.tags[-1] == {"model_version": "3", "task": "semantic", "status": "ok", "code": "200"}
 
 
 # ----------------------------------------------------------------------------- semantic

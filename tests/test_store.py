@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from dataplane.store import (
+    ConditionalWritesUnsupported,
     LocalStore,
     ObjectNotFound,
     S3Store,
@@ -20,6 +22,8 @@ from dataplane.store import (
     blob_key,
     capture_keys,
     check_key,
+    head_key,
+    lineage_key,
     manifest_key,
     open_store,
     s3_credentials,
@@ -93,6 +97,72 @@ def test_json_errors(store):
         store.put_bytes("x.bin", "a str")  # type: ignore[arg-type]
 
 
+def test_put_if_absent(store):
+    """Create-only writes: the first create wins, later ones change nothing and say so."""
+    assert store.put_if_absent("c/once.bin", b"first") is True
+    assert store.put_if_absent("c/once.bin", b"second") is False
+    assert store.get_bytes("c/once.bin") == b"first"
+    store.put_bytes("c/once.bin", b"replaced")  # plain writes still replace
+    assert store.put_if_absent("c/once.bin", b"third") is False and store.get_bytes("c/once.bin") == b"replaced"
+    store.delete("c/once.bin")
+    assert store.put_if_absent("c/once.bin", b"again") is True and store.get_bytes("c/once.bin") == b"again"
+    assert store.put_json_if_absent("c/r.json", {"a": 1}) and not store.put_json_if_absent("c/r.json", {"a": 2})
+    assert store.get_json("c/r.json") == {"a": 1}
+    assert list(store.list()) == ["c/once.bin", "c/r.json"]  # no temp files or probe keys left over
+    with pytest.raises(StoreError, match="invalid store key"):
+        store.put_if_absent("../x", b"x")
+    with pytest.raises(StoreError, match="must be bytes"):
+        store.put_if_absent("x.bin", "a str")  # type: ignore[arg-type]
+
+
+def test_put_if_absent_one_winner_under_contention(store):
+    """8 threads create the same keys at once: exactly one create per key succeeds, and the
+    stored bytes are the winner's (moto 5.2 checks If-None-Match in Python without a lock; it
+    held up here, and real S3/MinIO/link(2) are atomic)."""
+    keys, wins = [f"race/{i}" for i in range(10)], {}
+    barrier, lock = threading.Barrier(8, timeout=10), threading.Lock()
+
+    def writer(n: int) -> None:
+        barrier.wait()
+        for key in keys:
+            if store.put_if_absent(key, f"writer-{n}".encode()):
+                with lock:
+                    wins.setdefault(key, []).append(n)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(wins) == keys and all(len(w) == 1 for w in wins.values()), wins
+    assert all(store.get_bytes(k) == f"writer-{w[0]}".encode() for k, w in wins.items())
+
+
+def test_local_put_if_absent_leaves_no_temp_files(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    assert store.put_if_absent("a/b", b"1") and not store.put_if_absent("a/b", b"2")
+    assert os.listdir(tmp_path / "s" / "a") == ["b"]
+    store.put_bytes("d/e", b"1")
+    with pytest.raises(StoreError, match="cannot write 'd/e/f'"):
+        store.put_if_absent("d/e/f", b"2")  # a key under an object is an error, not 'exists'
+
+
+def test_s3_server_ignoring_if_none_match_is_detected(s3_server):
+    """A server that ignores If-None-Match would let conditional writes overwrite: refused, loudly."""
+    store = make_s3_store(s3_server)
+    real = store._client._put_object
+
+    def ignoring(bucket, key, data, headers=None, query_params=None):
+        headers = {k: v for k, v in (headers or {}).items() if k.lower() != "if-none-match"}
+        return real(bucket, key, data, headers=headers, query_params=query_params)
+
+    store._client._put_object = ignoring
+    with pytest.raises(ConditionalWritesUnsupported, match="ignores If-None-Match"):
+        store.put_if_absent("k", b"1")
+    assert not store.exists("k") and list(store.list()) == []  # the probe cleaned up after itself
+    store.put_bytes("k", b"plain writes still work")
+
+
 BAD_KEYS = ["../x", "a/../../x", "/abs", "a//b", "a\\b", "a/./b", ".", "", "a/", "x\x00y", ".segloop-tmp-x"]
 
 
@@ -100,6 +170,7 @@ BAD_KEYS = ["../x", "a/../../x", "/abs", "a//b", "a\\b", "a/./b", ".", "", "a/",
 def test_key_escapes_refused(store, key, tmp_path):
     for op in (
         lambda: store.put_bytes(key, b"x"),
+        lambda: store.put_if_absent(key, b"x"),
         lambda: store.get_bytes(key),
         lambda: store.exists(key),
         lambda: store.delete(key),
@@ -354,6 +425,9 @@ def test_layout_keys():
     with pytest.raises(StoreError):
         blob_key("xyz")
     assert manifest_key("pets", "0123456789abcdef") == "datasets/pets/0123456789abcdef.json"
+    assert lineage_key("pets", "0123456789abcdef") == "datasets/pets/lineage/0123456789abcdef.json"
+    assert lineage_key("pets", None) == "datasets/pets/lineage/root.json"
+    assert head_key("pets") == "datasets/pets/lineage/HEAD.json"
     with pytest.raises(StoreError):
         manifest_key("../x", "v")
     when = dt.datetime(2024, 3, 5, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=-2)))

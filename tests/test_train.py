@@ -216,33 +216,6 @@ def test_pets_train_track_register_promote_rollback(
 
 
 @pytest.mark.slow
-def test_rerun_with_the_same_name_resumes_from_checkpoint(ray_cluster, pets_root: Path, data_dir: Path) -> None:
-    """A worker process killed mid-run resuming from its checkpoint: tests/test_multinode.py."""
-    from train.job import run
-
-    cfg = pets_cfg(
-        pets_root,
-        data_dir,
-        epochs=3,
-        run_name="faulty",
-        registered_model="test-faulty",
-        promote=False,
-    )
-    result = run(cfg)
-    assert result.epochs_run == 3
-    ckpts = sorted((data_dir / "ray_results" / "faulty").glob("checkpoint_*"))
-    assert ckpts, "no checkpoints were kept"
-    hist = mlflow.MlflowClient().get_metric_history(result.run_id, "val_miou")
-    assert sorted({m.step for m in hist}) == [0, 1, 2]
-
-    # re-running with the same run name resumes: the same MLflow run, training continues at epoch 4
-    more = run(cfg.model_copy(update={"epochs": 4, "fail_at_epoch": None}))
-    assert more.run_id == result.run_id and more.epochs_run == 4
-    hist = mlflow.MlflowClient().get_metric_history(result.run_id, "val_miou")
-    assert sorted({m.step for m in hist}) == [0, 1, 2, 3]
-
-
-@pytest.mark.slow
 def test_light_maskrcnn_trains_one_epoch_and_logs_coco_map(ray_cluster, coco_root: Path, data_dir: Path) -> None:
     from train.job import run
 

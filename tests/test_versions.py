@@ -8,16 +8,20 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from dataplane.store import LocalStore, ObjectStore, blob_key
+from dataplane.store import LocalStore, ObjectStore, blob_key, head_key, lineage_key
 from dataplane.versions import (
     MARKER,
+    HeadMoved,
     Manifest,
+    RebaseConflict,
     add_samples,
     create_version,
     diff_versions,
@@ -34,9 +38,9 @@ from dataplane.versions import (
 from segloop.errors import DatasetError, StoreError
 
 try:
-    from tests.s3server import make_s3_store, start_s3_server
+    from tests.s3server import ACCESS_KEY, SECRET_KEY, make_s3_store, start_s3_server
 except ImportError:  # tests/ on sys.path instead of the repo root
-    from s3server import make_s3_store, start_s3_server
+    from s3server import ACCESS_KEY, SECRET_KEY, make_s3_store, start_s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +132,7 @@ class RecordingStore(ObjectStore):
         self.inner, self.puts, self.fail_on_put, self.on_first_put = inner, [], fail_on_put, on_first_put
         self._lock = threading.Lock()
 
-    def put_bytes(self, key, data, content_type=None):
+    def _record(self, key):
         with self._lock:
             self.puts.append(key)
             n = len(self.puts)
@@ -136,7 +140,14 @@ class RecordingStore(ObjectStore):
             self.on_first_put()
         if self.fail_on_put is not None and n >= self.fail_on_put:
             raise StoreError(f"injected failure writing {key}")
+
+    def put_bytes(self, key, data, content_type=None):
+        self._record(key)
         self.inner.put_bytes(key, data, content_type)
+
+    def put_if_absent(self, key, data, content_type=None):
+        self._record(key)
+        return self.inner.put_if_absent(key, data, content_type)
 
     def get_bytes(self, key):
         return self.inner.get_bytes(key)
@@ -286,11 +297,13 @@ def test_blob_dedup(store, tmp_path):
     m = create_version(rec, "pets", src, "semantic")
     blob_puts = [k for k in rec.puts if k.startswith("blobs/")]
     assert len(blob_puts) == len(set(blob_puts)) == len({f.sha256 for f in m.files}) == len(m.files) - 1
-    assert rec.puts[-1] == m.key  # the manifest is written last
+    # the manifest after every blob, then the lineage record and the head hint
+    assert rec.puts[-3:] == [m.key, "datasets/pets/lineage/root.json", "datasets/pets/lineage/HEAD.json"]
 
     rec.puts.clear()
-    create_version(rec, "pets", src, "semantic", notes={"run": 2})  # new version, same contents
+    side = create_version(rec, "pets", src, "semantic", notes={"run": 2}, branch=True)  # same contents
     assert [k for k in rec.puts if k.startswith("blobs/")] == []
+    assert side.version != m.version and latest_version(store, "pets") == m  # a side branch
 
     rec.puts.clear()
     child = add_samples(rec, "pets", m.version, {"images/cat_1.jpg": (src / "images" / "dog_1.jpg"), "new.txt": b"n"})
@@ -594,3 +607,323 @@ def test_cli_integrity_failure_exit_code(tmp_path):
     store.put_bytes(blob_key(child.file_map["images/cat_1.jpg"].sha256), b"x")
     r = _cli("verify", "pets", child.version, env=env)
     assert r.returncode == 1 and "images/cat_1.jpg" in r.stderr, r
+
+
+# --------------------------------------------------------------------------- lineage: the head moves by compare-and-set
+
+
+class RacingStore(RecordingStore):
+    """Holds each writer at the lineage record of ``parent`` until ``n`` writers got there, so
+    they all built on the same head before any of them can advance it: a race, every time."""
+
+    def __init__(self, inner: ObjectStore, name: str, parent: str | None, n: int = 2):
+        super().__init__(inner)
+        self.race_key = lineage_key(name, parent)
+        self.barrier = threading.Barrier(n, timeout=10)
+
+    def put_if_absent(self, key, data, content_type=None):
+        if key == self.race_key:
+            self.barrier.wait()
+        return super().put_if_absent(key, data, content_type)
+
+
+def run_together(*calls):
+    """Run the calls in threads at once; -> each one's result or raised exception, in order."""
+    out: list = [None] * len(calls)
+
+    def run(i, fn):
+        try:
+            out[i] = fn()
+        except Exception as err:  # noqa: BLE001 - the test looks at it
+            out[i] = err
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def chain(store: ObjectStore, name: str) -> list[Manifest]:
+    """The lineage, first version to head; each step checked against its lineage record."""
+    out = [latest_version(store, name)]
+    while out[-1].parent:
+        parent = get_version(store, name, out[-1].parent)
+        assert store.get_json(lineage_key(name, parent.version))["child"] == out[-1].version
+        out.append(parent)
+    assert store.get_json(lineage_key(name, None))["child"] == out[-1].version
+    return out[::-1]
+
+
+def batch(tag: str, n: int = 2, seed: int = 0) -> tuple[dict[str, bytes], dict[str, list[str]]]:
+    """An annotation batch as add_samples takes it: images + trimaps, and their trainval names."""
+    names = [f"{tag}_{i}" for i in range(n)]
+    files = {}
+    for i, name in enumerate(names):
+        files[f"images/{name}.jpg"] = _jpg(seed + i)
+        files[f"annotations/trimaps/{name}.png"] = _trimap(seed + i)
+    return files, {"trainval": names}
+
+
+def test_concurrent_add_samples_both_reach_the_lineage(store, tmp_path):
+    base = create_version(store, "pets", make_pets(tmp_path / "pets"), "semantic")
+    racing = RacingStore(store, "pets", base.version)
+    (fa, sa), (fb, sb) = batch("a"), batch("b", seed=10)
+    results = run_together(
+        lambda: add_samples(racing, "pets", "latest", fa, sa),
+        lambda: add_samples(racing, "pets", "latest", fb, sb),
+    )
+    assert all(isinstance(r, Manifest) for r in results), results
+    first, second = sorted(results, key=lambda m: m.parent != base.version)
+    # one won the race; the other rebased onto it: a chain, each parent the previous head
+    assert [m.version for m in chain(store, "pets")] == [base.version, first.version, second.version]
+    head = latest_version(store, "pets")
+    assert head == second and second.parent == first.version
+    names = head.splits["trainval"]
+    assert sorted(names) == sorted(base.splits["trainval"] + sa["trainval"] + sb["trainval"])
+    assert len(names) == len(set(names))
+    assert set(fa) | set(fb) <= set(head.file_map)
+    out = materialize(store, head, tmp_path / "head")
+    assert [ln.split()[0] for ln in (out / "annotations" / "trainval.txt").read_text().splitlines()] == names
+    # the version that lost stays behind as an unreferenced manifest; 'latest' never returns it
+    lost = [m for m in list_versions(store, "pets") if m.version not in {base.version, first.version, second.version}]
+    assert len(lost) == 1 and lost[0].parent == base.version
+
+
+_IMPORT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from dataplane.store import LocalStore, S3Store
+    from dataplane.versions import add_samples
+
+    spec, tag, go = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    if spec["kind"] == "local":
+        store = LocalStore(spec["root"])
+    else:
+        store = S3Store(spec["endpoint"], spec["bucket"], spec["access"], spec["secret"])
+    Path(f"{go}.{tag}").touch()  # ready
+    while not go.exists():
+        time.sleep(0.002)
+    for i in range(3):
+        name = f"{tag}_{i}".encode()
+        files = {f"images/{tag}_{i}.jpg": name, f"annotations/trimaps/{tag}_{i}.png": name}
+        add_samples(store, "pets", "latest", files, {"trainval": [f"{tag}_{i}"]}, workers=1)
+    """
+)
+
+
+def test_concurrent_add_samples_from_two_processes(store, tmp_path):
+    base = create_version(store, "pets", make_pets(tmp_path / "pets"), "semantic")
+    if isinstance(store, LocalStore):
+        spec = {"kind": "local", "root": str(store.root)}
+    else:
+        spec = {"kind": "s3", "endpoint": store.endpoint, "bucket": store.bucket, "access": ACCESS_KEY}
+        spec["secret"] = SECRET_KEY
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _IMPORT_SCRIPT, json.dumps(spec), tag, str(go)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for tag in ("p", "q")
+    ]
+    deadline = time.monotonic() + 30
+    while not all(Path(f"{go}.{t}").exists() for t in "pq") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+    lineage = chain(store, "pets")
+    assert len(lineage) == 7 and lineage[0] == base  # 6 imports, each one step of the chain
+    names = lineage[-1].splits["trainval"]
+    assert sorted(names) == sorted(base.splits["trainval"] + [f"{t}_{i}" for t in "pq" for i in range(3)])
+    assert len(names) == len(set(names))
+
+
+def test_explicit_stale_parent_is_refused(store, tmp_path):
+    base = create_version(store, "pets", make_pets(tmp_path / "pets"), "semantic")
+    child = add_samples(store, "pets", base.version, *batch("a"))
+    with pytest.raises(
+        HeadMoved, match=f"pets@{base.version} is not the head of dataset 'pets': the head is pets@{child.version}"
+    ) as info:
+        add_samples(store, "pets", base.version, *batch("b", seed=10))
+    assert info.value.head == child
+    assert latest_version(store, "pets") == child and len(list_versions(store, "pets")) == 2  # nothing written
+
+    side = add_samples(store, "pets", base.version, *batch("b", seed=10), branch=True)  # asked for: a side branch
+    assert side.parent == base.version and latest_version(store, "pets") == child
+    top = add_samples(store, "pets", "latest", *batch("b", seed=10))  # 'latest' builds on the head
+    assert top.parent == child.version and latest_version(store, "pets") == top
+
+    # a snapshot without a parent would start a second lineage and hide the imports from 'latest'
+    other = make_pets(tmp_path / "other", names=("x_1",), test=())
+    with pytest.raises(HeadMoved, match=f"a version without a parent is not the head.*pets@{top.version}"):
+        create_version(store, "pets", other, "semantic")
+    snap = create_version(store, "pets", other, "semantic", parent="latest")
+    assert snap.parent == top.version and latest_version(store, "pets") == snap
+    assert [m.version for m in chain(store, "pets")] == [base.version, child.version, top.version, snap.version]
+
+
+def test_explicit_parent_losing_the_race_fails_loudly(store, tmp_path):
+    base = create_version(store, "pets", make_pets(tmp_path / "pets"), "semantic")
+    racing = RacingStore(store, "pets", base.version)
+    results = run_together(
+        lambda: add_samples(racing, "pets", base.version, *batch("a")),
+        lambda: add_samples(racing, "pets", base.version, *batch("b", seed=10)),
+    )
+    won = [r for r in results if isinstance(r, Manifest)]
+    lost = [r for r in results if isinstance(r, Exception)]
+    assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], HeadMoved), results
+    msg = str(lost[0])
+    assert f"lost the race to extend dataset 'pets' from pets@{base.version}" in msg, msg
+    assert f"pets@{won[0].version} was added first and the head is now pets@{won[0].version}" in msg, msg
+    assert lost[0].head == won[0]
+    assert [m.version for m in chain(store, "pets")] == [base.version, won[0].version]
+
+
+def test_same_change_twice_is_one_version_and_clashes_are_refused(store, tmp_path):
+    base = create_version(store, "pets", make_pets(tmp_path / "pets"), "semantic")
+    files, splits = batch("a")
+    racing = RacingStore(store, "pets", base.version)
+    ra, rb = run_together(*[lambda: add_samples(racing, "pets", "latest", files, splits)] * 2)
+    assert isinstance(ra, Manifest) and ra == rb  # same content, same id: both callers get it
+    again = add_samples(store, "pets", "latest", files, splits)  # a re-run adds nothing
+    assert again == ra and len(list_versions(store, "pets")) == 2
+    assert again.splits["trainval"] == base.splits["trainval"] + splits["trainval"]
+
+    # two changes of the same file at once: rebasing one onto the other would drop it, so it fails
+    racing = RacingStore(store, "pets", ra.version)
+    results = run_together(
+        lambda: add_samples(racing, "pets", "latest", {"annotations/test.txt": b"dog_2\nfixed_by_x\n"}),
+        lambda: add_samples(racing, "pets", "latest", {"annotations/test.txt": b"dog_2\nfixed_by_y\n"}),
+    )
+    won = [r for r in results if isinstance(r, Manifest)]
+    lost = [r for r in results if isinstance(r, Exception)]
+    assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], RebaseConflict), results
+    assert "annotations/test.txt" in str(lost[0]) and lost[0].head == won[0]
+    assert latest_version(store, "pets") == won[0]
+
+
+def test_latest_falls_back_to_created_time_without_lineage(store):
+    """A store written before lineage records existed: the newest manifest is the head, and
+    the first new version continues it."""
+    sha = hashlib.sha256(b"x").hexdigest()
+    store.put_bytes(blob_key(sha), b"x")
+    fake = {"task": "semantic", "classes": ["x"], "splits": {}, "files": [{"path": "a.txt", "size": 1, "sha256": sha}]}
+    new = write_manifest(
+        store, Manifest.build(name="old", created="2024-02-01T00:00:00.000000Z", notes={"i": 2}, **fake)
+    )
+    write_manifest(store, Manifest.build(name="old", created="2024-01-01T00:00:00.000000Z", notes={"i": 1}, **fake))
+    assert not list(store.list("datasets/old/lineage/"))
+    assert latest_version(store, "old") == new
+
+    child = add_samples(store, "old", "latest", {"b.txt": b"b"})
+    assert child.parent == new.version and latest_version(store, "old") == child
+    assert store.get_json(lineage_key("old", new.version))["child"] == child.version
+    # the head hint is only a shortcut: gone or behind, readers follow the lineage records
+    store.delete(head_key("old"))
+    assert latest_version(store, "old") == child
+    store.put_json(head_key("old"), {"version": new.version})
+    assert latest_version(store, "old") == child
+    grand = add_samples(store, "old", "latest", {"c.txt": b"c"})
+    assert grand.parent == child.version and latest_version(store, "old") == grand
+
+
+# --------------------------------------------------------------------------- lineage: concurrent annotation imports
+
+
+def _capture(store: ObjectStore, image: bytes) -> str:
+    """A captured sample as the importer reads it (image + metadata JSON); -> its id."""
+    import datetime as dt
+
+    from dataplane.capture import new_capture_id
+    from dataplane.store import capture_keys
+
+    cid = new_capture_id()
+    image_key, json_key = capture_keys(cid, "jpg")
+    store.put_bytes(image_key, image)
+    meta = {"id": cid, "time": dt.datetime.now(dt.UTC).isoformat(), "image_key": image_key, "width": 16, "height": 16}
+    store.put_json(json_key, {**meta, "image_sha256": hashlib.sha256(image).hexdigest()})
+    return cid
+
+
+def _trimap_dir(root: Path, cids: list[str], seed: int) -> Path:
+    root.mkdir(parents=True)
+    for i, cid in enumerate(cids):
+        (root / f"{cid}.png").write_bytes(_trimap(seed + i))
+    return root
+
+
+def test_concurrent_trimap_imports_both_reach_latest(store, tmp_path):
+    from dataplane.annotation.importer import import_annotations
+
+    base = create_version(store, "pets", make_pets(tmp_path / "pets"), "semantic")
+    a, b = [_capture(store, _jpg(20 + i)) for i in range(2)], [_capture(store, _jpg(30 + i)) for i in range(2)]
+    dir_a, dir_b = _trimap_dir(tmp_path / "a", a, 0), _trimap_dir(tmp_path / "b", b, 5)
+    racing = RacingStore(store, "pets", base.version)
+    results = run_together(
+        lambda: import_annotations(racing, "pets", "latest", dir_a, fmt="trimaps"),
+        lambda: import_annotations(racing, "pets", "latest", dir_b, fmt="trimaps"),
+    )
+    assert all(isinstance(r, Manifest) for r in results), results
+    head = latest_version(store, "pets")
+    assert len(chain(store, "pets")) == 3 and head in results
+    assert sorted(head.splits["trainval"]) == sorted(base.splits["trainval"] + a + b)
+    assert all(f"annotations/trimaps/{cid}.png" in head.file_map for cid in a + b)
+
+    # the same capture annotated in two imports at once: the second is re-validated on the new
+    # head and refused by name, not silently replaced
+    c = _capture(store, _jpg(40))
+    dir_c1, dir_c2 = _trimap_dir(tmp_path / "c1", [c], 0), _trimap_dir(tmp_path / "c2", [c], 7)
+    racing = RacingStore(store, "pets", head.version)
+    results = run_together(
+        lambda: import_annotations(racing, "pets", "latest", dir_c1, fmt="trimaps"),
+        lambda: import_annotations(racing, "pets", "latest", dir_c2, fmt="trimaps"),
+    )
+    won = [r for r in results if isinstance(r, Manifest)]
+    lost = [r for r in results if isinstance(r, Exception)]
+    assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], DatasetError), results
+    assert c in str(lost[0]) and "already in" in str(lost[0]) and latest_version(store, "pets") == won[0]
+
+
+def test_concurrent_coco_imports_merge_both(store, tmp_path):
+    """Both imports rewrite annotations/instances_train.json: the loser is merged again onto the new head."""
+    from dataplane.annotation.importer import import_annotations
+
+    base = create_version(store, "coco", make_coco(tmp_path / "coco"), "instance")
+    cids = [_capture(store, _jpg(50 + i)) for i in range(2)]
+    paths = []
+    for cid in cids:
+        coco = {
+            "images": [{"id": 1, "file_name": f"{cid}.jpg", "capture_id": cid, "width": 16, "height": 16}],
+            "annotations": [
+                {
+                    "id": 1,
+                    "image_id": 1,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "area": 64.0,
+                    "bbox": [2, 2, 8, 8],
+                    "segmentation": [[2, 2, 10, 2, 10, 10, 2, 10]],
+                }
+            ],  # fmt: skip
+            "categories": [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}],
+        }
+        paths.append(tmp_path / f"{cid}.json")
+        paths[-1].write_text(json.dumps(coco))
+    racing = RacingStore(store, "coco", base.version)
+    results = run_together(*[lambda p=p: import_annotations(racing, "coco", "latest", p, fmt="coco") for p in paths])
+    assert all(isinstance(r, Manifest) for r in results), results
+    head = latest_version(store, "coco")
+    assert len(chain(store, "coco")) == 3 and head in results
+    assert sorted(head.splits["train"]) == sorted(["a.jpg", "b.jpg"] + [f"{cid}.jpg" for cid in cids])
+    out = materialize(store, head, tmp_path / "out")
+    merged = json.loads((out / "annotations" / "instances_train.json").read_text())
+    assert {im.get("capture_id") for im in merged["images"]} >= set(cids)
+    assert len(merged["images"]) == 4 and len(merged["annotations"]) >= 4

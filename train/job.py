@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,8 @@ def evaluate_on_holdout(
         import mlflow
 
         mlflow.set_tracking_uri(state[3])
-        model, _, _ = load_version(state[1], state[2])
+        model, meta, _ = load_version(state[1], state[2])
+        cfg = cfg.model_copy(update={"image_size": meta.image_size})  # scored with its own input size
     else:
         model = build_model(cfg.model, num_classes, **cfg.model_kwargs)
         model.load_state_dict(state)
@@ -191,29 +193,62 @@ def evaluate_and_promote(cfg: TrainConfig, ctx: RunContext, state: dict[str, Any
     Shared by ``run`` and ``python -m tune --register-best``, so a tuned model is judged
     exactly like a trained one.
     """
-    from train import registry
-
     holdout = score_on_holdout(cfg, ctx, state["model"])
     challenger_score = holdout["metrics"][cfg.metric]
-    champ_version = registry.champion_version(cfg.registered_model)
-    champ_score = None if champ_version is None else score_champion(cfg, ctx, champ_version)
-    promoted, reason = registry.decide(challenger_score, champ_score, cfg.promotion_margin)
-    if not cfg.promote:
-        promoted, reason = False, "promotion disabled (promote=false); " + reason
-
     version = register_model(cfg, ctx, state)
-    decision = registry.Decision(
-        promoted, version, challenger_score, champ_version, champ_score, cfg.promotion_margin, cfg.metric, reason
-    )
-    registry.record_decision(cfg.registered_model, decision)
+    decision = compare_and_promote(cfg, version, challenger_score, lambda v: score_champion(cfg, ctx, v))
     log_report(cfg, history, holdout, ctx.class_names, decision)
-    verdict = "promoted to champion" if promoted else "not promoted"
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    champ = "-" if decision.champion_score is None else f"v{decision.champion_version} {decision.champion_score:.4f}"
     print(
         f"model {cfg.registered_model} v{version}: holdout {cfg.metric}={challenger_score:.4f} "
-        f"(champion {'-' if champ_score is None else f'v{champ_version} {champ_score:.4f}'}) -> {verdict}: {reason}",
+        f"(champion {champ}) -> {verdict}: {decision.reason}",
         flush=True,
     )
-    return Promotion(version, holdout["metrics"], promoted, reason)
+    return Promotion(version, holdout["metrics"], decision.promoted, decision.reason)
+
+
+def compare_and_promote(
+    cfg: TrainConfig, version: str, challenger_score: float, score_of: Callable[[str], float]
+) -> Any:
+    """Read and score (``score_of``) the champion, decide, move the alias — all under the model's
+    promotion lock, so the champion compared is the one replaced.
+
+    Fails closed: if the champion cannot be read or scored (MLflow locked or down, the lock
+    held too long), the challenger is not promoted and the reason says why.
+    """
+    from train import registry
+
+    champ_version, champ_score = None, None
+    try:
+        with registry.promotion_lock(cfg.registered_model):
+            champ_version = registry.champion_version(cfg.registered_model)
+            champ_score = None if champ_version is None else score_of(champ_version)
+            promoted, reason = registry.decide(challenger_score, champ_score, cfg.promotion_margin)
+            if not cfg.promote:
+                promoted, reason = False, "promotion disabled (promote=false); " + reason
+            decision = registry.Decision(
+                promoted,
+                version,
+                challenger_score,
+                champ_version,
+                champ_score,
+                cfg.promotion_margin,
+                cfg.metric,
+                reason,
+            )
+            registry.record_decision(cfg.registered_model, decision)
+            return decision
+    except Exception as err:  # noqa: BLE001 - any failure here means "not compared", never "promoted"
+        reason = f"not promoted: the champion could not be compared ({type(err).__name__}: {err})"
+    decision = registry.Decision(
+        False, version, challenger_score, champ_version, champ_score, cfg.promotion_margin, cfg.metric, reason
+    )
+    try:
+        registry.record_decision(cfg.registered_model, decision)
+    except Exception as err:  # noqa: BLE001 - the run's own tags still carry the decision
+        print(f"warning: cannot tag {cfg.registered_model} v{version} with its decision: {err}", flush=True)
+    return decision
 
 
 def score_on_holdout(cfg: TrainConfig, ctx: RunContext, weights: dict[str, Any]) -> dict[str, Any]:

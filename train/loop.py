@@ -422,28 +422,71 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 class _RankZeroTracker:
-    """MLflow logging from rank 0 into the driver's run, system metrics included."""
+    """MLflow logging from rank 0 into the driver's run, system metrics included.
+
+    Rides out an MLflow outage: an epoch's metrics that cannot be logged are kept and sent
+    with the next epoch's, and at the end of the run retried with backoff for up to
+    ``OUTAGE_S``; training itself never waits on MLflow.
+    """
+
+    OUTAGE_S = 300.0
 
     def __init__(self, extras: dict[str, Any], enabled: bool) -> None:
         self.run = None
+        self._pending: list[tuple[dict[str, float], int]] = []
         if not enabled or not extras.get("mlflow_run_id"):
             return
         import mlflow
 
         # the sampler's start/stop/"no GPU" INFO lines are not progress; its warnings still show
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        # fail fast and retry here instead: MLflow's own retries (7, with backoff) block an epoch for minutes
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
         mlflow.set_tracking_uri(extras["mlflow_tracking_uri"])
         self.mlflow = mlflow
-        self.run = mlflow.start_run(run_id=extras["mlflow_run_id"], log_system_metrics=True)
+        run_id = extras["mlflow_run_id"]
+        self.run = _with_retries(lambda: mlflow.start_run(run_id=run_id, log_system_metrics=True), self.OUTAGE_S)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.run is None:
             return
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        self.mlflow.log_metrics(clean, step=step)
+        self._pending.append((clean, step))
+        self._flush(wait_s=0.0)
+
+    def _flush(self, wait_s: float) -> None:
+        """Send the kept epochs in order; on failure keep them (and wait up to ``wait_s`` retrying)."""
+        while self._pending:
+            metrics, step = self._pending[0]
+            try:
+                _with_retries(lambda m=metrics, s=step: self.mlflow.log_metrics(m, step=s), wait_s)
+            except Exception as err:  # noqa: BLE001 - MLflow is down: keep the metrics, train on
+                say(f"MLflow unreachable ({type(err).__name__}); keeping {len(self._pending)} epoch(s) of metrics")
+                return
+            self._pending.pop(0)
 
     def close(self) -> None:
-        if self.run is not None:
-            # Leave the run open for the driver (it logs artifacts and the model, then ends it).
-            self.mlflow.end_run(status="RUNNING")
-            self.run = None
+        if self.run is None:
+            return
+        self._flush(wait_s=self.OUTAGE_S)
+        if self._pending:
+            raise RuntimeError(
+                f"MLflow stayed unreachable for {self.OUTAGE_S:.0f}s: {len(self._pending)} epoch(s) of metrics lost"
+            )
+        # Leave the run open for the driver (it logs artifacts and the model, then ends it).
+        _with_retries(lambda: self.mlflow.end_run(status="RUNNING"), self.OUTAGE_S)
+        self.run = None
+
+
+def _with_retries(fn: Any, wait_s: float) -> Any:
+    """``fn()``, retried with exponential backoff (1 s, 2 s, … 10 s) for up to ``wait_s`` seconds."""
+    deadline, delay = time.monotonic() + wait_s, 1.0
+    while True:
+        try:
+            return fn()
+        except Exception:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)

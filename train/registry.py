@@ -15,15 +15,21 @@ replaced.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from segloop.errors import ModelError
+from segloop.errors import ModelError, ServiceError
 from train.model_ref import META_FILE, WEIGHTS_FILE, ModelMeta
 from train.predict import build_from_state
 
@@ -88,14 +94,83 @@ def _wait_ready(name: str, version: str, timeout_s: float = 60) -> None:
 
 
 def champion_version(name: str) -> str | None:
-    """The version holding ``champion``, or None (no model or no champion yet)."""
+    """The version holding ``champion``; None only when MLflow says there is none.
+
+    Any other failure (a locked SQLite file, an unreachable server) is a ServiceError, never
+    "no champion": reading it as none would promote a challenger nobody compared.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         return str(mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if _no_such_alias(err):
+            return None
+        raise ServiceError(f"cannot read the champion of {name!r} from MLflow: {err.message}") from None
+    except Exception as err:  # noqa: BLE001 - a database or network error below MLflow
+        raise ServiceError(f"cannot read the champion of {name!r} from MLflow: {type(err).__name__}: {err}") from None
+
+
+def _no_such_alias(err: Any) -> bool:
+    """MLflow's two answers for "no champion": no such model (404) or no such alias (400)."""
+    if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return err.error_code == "INVALID_PARAMETER_VALUE" and "alias" in err.message and "not found" in err.message
+
+
+class _Leases:
+    """Named leases with an expiry, held in one Ray actor: calls run one at a time, so an
+    acquire is a compare-and-set; a holder that dies loses its lease when it expires."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[str, float]] = {}
+
+    def acquire(self, key: str, owner: str, ttl_s: float) -> str | None:
+        """Take ``key`` for ``owner``; returns None on success, else the current holder."""
+        now = time.time()
+        holder = self._held.get(key)
+        if holder is None or holder[1] < now or holder[0] == owner:
+            self._held[key] = (owner, now + ttl_s)
+            return None
+        return holder[0]
+
+    def release(self, key: str, owner: str) -> None:
+        if self._held.get(key, ("", 0.0))[0] == owner:
+            del self._held[key]
+
+
+LEASES_ACTOR = "segloop-leases"
+
+
+@contextmanager
+def promotion_lock(name: str, *, wait_s: float = 900.0, ttl_s: float = 1800.0) -> Iterator[None]:
+    """Serialise champion comparisons of model ``name`` across jobs (through the Ray GCS).
+
+    Two jobs finishing together would each compare with the same champion and the last
+    alias move would win, even if worse; under the lock the second compares with the first's
+    result. Raises ServiceError when the lock stays held for ``wait_s``.
+    """
+    import ray
+
+    leases = (
+        ray.remote(num_cpus=0, max_restarts=-1)(_Leases)
+        .options(name=LEASES_ACTOR, namespace="segloop", lifetime="detached", get_if_exists=True)
+        .remote()
+    )
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_s
+    while (holder := ray.get(leases.acquire.remote(name, owner, ttl_s))) is not None:
+        if time.monotonic() > deadline:
+            raise ServiceError(f"the promotion lock of {name!r} has been held by {holder} for over {wait_s:.0f}s")
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        try:
+            ray.get(leases.release.remote(name, owner))
+        except Exception:  # noqa: BLE001 - the lease expires on its own
+            pass
 
 
 def resolve_version(name: str, ref: str | int | None = None) -> str:

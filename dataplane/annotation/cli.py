@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dataset")
     p.add_argument("annotations", help="Label Studio JSON export, COCO JSON, or a directory of <id>.png trimaps")
-    p.add_argument("--parent", default="latest", help="parent version (id prefix or 'latest')")
+    p.add_argument("--parent", default="latest", help="parent version (id prefix or 'latest'); must be the head")
+    p.add_argument("--branch", action="store_true", help="a side version off a parent that is not the head")
     p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--split", help="default: trainval (semantic) / train (instance)")
     p.add_argument("--replace", action="store_true", help="allow re-annotating samples already in the parent")
@@ -154,6 +155,7 @@ def _cmd_import(store: ObjectStore, args: argparse.Namespace) -> None:
         fmt=args.format,
         split=args.split,
         replace=args.replace,
+        branch=args.branch,
         notes=parse_notes(args.note),
     )
     added = m.notes.get("import", {}).get("captures", [])

@@ -53,6 +53,9 @@ class CheckedSample:
         return f"{self.id}.{self.image.ext}"
 
 
+IMPORT_ATTEMPTS = 4  # parent 'latest': how often an import is redone onto a head that moved
+
+
 def import_annotations(
     store: ObjectStore,
     dataset_name: str,
@@ -62,6 +65,7 @@ def import_annotations(
     split: Optional[str] = None,
     *,
     replace: bool = False,
+    branch: bool = False,
     notes: Optional[Mapping[str, Any]] = None,
     workers: int = 8,
 ) -> Manifest:
@@ -72,11 +76,52 @@ def import_annotations(
     the parent stays as it was). Returns the new :class:`dataplane.versions.Manifest`. Every
     problem is collected and raised together as one DatasetError naming each sample; in that
     case nothing is written to the store.
+
+    Concurrent imports never lose one another's samples. With parent ``latest`` (or None)
+    an import that finds the head moved is re-applied onto the new head by add_samples, and
+    when both wrote the same file (COCO's merged ``instances_<split>.json``, a re-annotated
+    sample) it is validated and merged again from the new head, up to IMPORT_ATTEMPTS times.
+    An explicit parent that is not (or no longer) the head raises
+    :class:`dataplane.versions.HeadMoved`, naming the head, and writes nothing — unless
+    ``branch``: then the import is a side version off that parent, which ``latest`` never
+    returns (to compare alternative annotations of the same samples).
     """
-    from dataplane.versions import add_samples
+    from dataplane.versions import RebaseConflict
 
     path = Path(annotations_path)
+    follow = parent_version is None or parent_version == "latest"
+    for attempt in range(IMPORT_ATTEMPTS):
+        try:
+            return _import_once(
+                store, dataset_name, parent_version, path, _Options(fmt, split, replace, branch, notes, workers)
+            )
+        except RebaseConflict:
+            if not follow or attempt == IMPORT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The caller's choices of one import, kept across its attempts."""
+
+    fmt: str
+    split: Optional[str]
+    replace: bool
+    branch: bool
+    notes: Optional[Mapping[str, Any]]
+    workers: int
+
+
+def _import_once(
+    store: ObjectStore, dataset_name: str, parent_version: Union[str, Manifest, None], path: Path, opts: _Options
+) -> Manifest:
+    """One validate-and-add pass of :func:`import_annotations` onto the parent as it is now."""
+    from dataplane.versions import add_samples
+
+    fmt, split, replace, notes, workers = opts.fmt, opts.split, opts.replace, opts.notes, opts.workers
     parent, fmt, split = _resolve(store, dataset_name, parent_version, path, fmt, split)
+    follow = parent_version is None or parent_version == "latest"
     task = parent.task
     problems: list[str] = []
     anns, skipped = _parse(path, fmt, problems)
@@ -107,7 +152,15 @@ def import_annotations(
         }
     }
     return add_samples(
-        store, dataset_name, parent, new_files, {split: names}, notes={**info, **dict(notes or {})}, workers=workers
+        store,
+        dataset_name,
+        parent,
+        new_files,
+        {split: names},
+        notes={**info, **dict(notes or {})},
+        rebase=follow,
+        branch=opts.branch,
+        workers=workers,
     )
 
 

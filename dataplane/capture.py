@@ -301,3 +301,73 @@ def store_policy_source(
         return read_policy(holder[0], key)
 
     return source
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+class CaptureBudget(BaseModel):
+    """How much capture may store per UTC day, across every replica (None: no limit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    objects_per_day: Optional[int] = Field(None, ge=0, description="captured samples per day")
+    bytes_per_day: Optional[int] = Field(None, ge=0, description="image bytes per day")
+
+
+class BudgetLedger:
+    """Today's captures counted in one named Ray actor, so every replica draws on one budget.
+
+    Calls run one at a time (a plain actor), so ``take`` is a compare-and-add: captures stop
+    exactly at the budget however many replicas write. A restarted ledger counts again from
+    the day's capture records in the store (bytes from their metadata).
+    """
+
+    def __init__(self, budget: dict[str, Any], store: Any = None) -> None:
+        self.budget = CaptureBudget.model_validate(budget)
+        self._day, self._objects, self._bytes = "", 0, 0
+        self._store = store
+
+    def take(self, nbytes: int, day: Optional[str] = None) -> bool:
+        """Reserve one capture of ``nbytes`` today; False (nothing reserved) once over budget."""
+        day = day or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
+        if day != self._day:
+            self._day, (self._objects, self._bytes) = day, self._stored_on(day)
+        b = self.budget
+        if (b.objects_per_day is not None and self._objects + 1 > b.objects_per_day) or (
+            b.bytes_per_day is not None and self._bytes + nbytes > b.bytes_per_day
+        ):
+            return False
+        self._objects, self._bytes = self._objects + 1, self._bytes + nbytes
+        return True
+
+    def used(self) -> dict[str, Any]:
+        return {"day": self._day, "objects": self._objects, "bytes": self._bytes}
+
+    def _stored_on(self, day: str) -> tuple[int, int]:
+        if self._store is None:
+            return 0, 0
+        store = store_factory_from(self._store)()
+        metas = [k for k in store.list(f"captures/{day}/") if k.endswith(".json")]
+        sizes = []
+        for key in metas:
+            try:
+                sizes.append(int(store.get_json(key).get("image_bytes", 0) or 0))
+            except Exception:  # noqa: BLE001 - an unreadable record still counts as one capture
+                sizes.append(0)
+        return len(metas), sum(sizes)
+
+
+BUDGET_ACTOR = "segloop-capture-budget"
+
+
+def budget_gate(budget: Mapping[str, Any], store: Any = None) -> Callable[[int], bool]:
+    """A Capturer ``budget`` callable drawing on the cluster-wide :class:`BudgetLedger`."""
+    import ray
+
+    ledger = (
+        ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(BudgetLedger)
+        .options(name=BUDGET_ACTOR, namespace="segloop", lifetime="detached", get_if_exists=True)
+        .remote(dict(budget), store)
+    )
+    return lambda nbytes: bool(ray.get(ledger.take.remote(nbytes), timeout=10))

@@ -18,6 +18,8 @@ Layout of a store::
                                             created once with put_if_absent, never rewritten
     datasets/<name>/lineage/HEAD.json       a hint: the last head written (may lag; see versions)
     blobs/sha256/<aa>/<sha256>              content-addressed file contents (<aa> = first 2 hex chars)
+    exports/<time>-<id>.json                what one annotation export sent to annotators (kept by retention)
+    control/capture_policy.json             the capture policy the replicas follow (dataplane.capture)
 
 :func:`capture_keys`, :func:`manifest_key`, :func:`lineage_key`, :func:`head_key` and
 :func:`blob_key` build these keys so no caller spells them by hand.
@@ -135,6 +137,9 @@ def _check_component(key: str, part: str, what: str) -> None:
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CAPTURE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _EXT = re.compile(r"^[A-Za-z0-9]{1,10}$")
+
+
+EXPORTS_PREFIX = "exports/"
 
 
 def blob_key(sha256: str) -> str:

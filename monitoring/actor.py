@@ -54,6 +54,13 @@ class MonitorConfig(BaseModel):
     # capture switched on by an alert
     app_name: str = "segloop"
     capture_on_alert: dict = Field(default_factory=lambda: {"mode": "entropy", "threshold": 0.3})
+    capture_baseline: dict = Field(
+        default_factory=lambda: {"mode": "off"},
+        description="the policy capture returns to when no alert fires any more, and after a promotion",
+    )
+    capture_retention_days: Optional[float] = Field(
+        30.0, ge=1, description="once a day, delete captures older than this that no export or version uses"
+    )
     # retraining
     dataset_name: str = "pets"
     min_new_samples: int = Field(20, ge=1)
@@ -81,7 +88,7 @@ class MonitorConfig(BaseModel):
             check_cron(v)
         return v
 
-    @field_validator("capture_on_alert")
+    @field_validator("capture_on_alert", "capture_baseline")
     @classmethod
     def _policy(cls, v: dict) -> dict:
         from dataplane.capture import parse_policy
@@ -221,10 +228,13 @@ class Monitor:
             actions.append({"action": "alert", **e})
             if e["state"] == "firing":
                 actions.append(self.switch_capture(self.cfg.capture_on_alert, reason=f"alert {e['rule']}"))
+            elif e["state"] == "resolved" and not self.engine.firing():
+                actions.append(self.switch_capture(self.cfg.capture_baseline, reason=f"alert {e['rule']} resolved"))
         actions += self.follow_jobs(now)
         actions += self.record_pending_decisions()
         if not self.active_job():
             actions += self.maybe_retrain(now)
+        actions.append(self.maybe_prune(now))
         self.state["engine"] = self.engine.to_dict()
         self.state["last_tick"] = time.time()
         self.save()
@@ -242,6 +252,23 @@ class Monitor:
             return {"action": "capture", "ok": False, "error": str(err)}
         self.state["capture"] = policy
         return {"action": "capture", "ok": True, "policy": policy, "reason": reason}
+
+    def maybe_prune(self, now: float) -> dict:
+        """Apply the captures' retention rule once a day (a store error: tried again next tick)."""
+        from dataplane.retention import prune_captures
+
+        days = self.cfg.capture_retention_days
+        if days is None or now - (self.state.get("pruned") or 0.0) < 86400:
+            return {}
+        try:
+            result = prune_captures(self.store, days)
+        except Exception as err:  # noqa: BLE001 - reported; retention can wait a tick
+            log.warning("capture retention failed: %s: %s", type(err).__name__, err)
+            return {}
+        self.state["pruned"] = now
+        totals = self.state["totals"]
+        totals["captures_pruned"] = totals.get("captures_pruned", 0) + len(result.deleted)
+        return {"action": "retention", "deleted": len(result.deleted), "kept_in_use": result.kept_in_use}
 
     # -- retraining
     def active_job(self) -> dict | None:
@@ -428,6 +455,8 @@ class Monitor:
         }
         self.state["decisions"].append(decision)
         self._count("decisions", decision["decision"])
+        if decision["decision"] == "promoted":  # the alert's thresholds were calibrated on the old champion
+            decision["capture"] = self.switch_capture(self.cfg.capture_baseline, reason=f"new champion v{mv.version}")
         champion = registry.champion_version(self.cfg.registered_model)
         if self.cfg.switch_serve and champion and decision["decision"] == "promoted":
             from monitoring.serving import redeploy_with_version
@@ -510,8 +539,9 @@ class _Metrics:
             self._blocked = Gauge(
                 "segloop_retrain_blocked", "1 while the newest dataset version has used up its retraining attempts"
             )
+            self._pruned = Gauge("segloop_captures_pruned", "captures deleted by the retention rule so far")
         except Exception:  # noqa: BLE001 - outside a Ray worker (unit tests): no metrics
-            self._alerts = self._jobs = self._promos = self._tick = self._blocked = None
+            self._alerts = self._jobs = self._promos = self._tick = self._blocked = self._pruned = None
 
     def publish(self, totals: dict[str, dict[str, int]], last_tick: float | None, blocked: str | None) -> None:
         if self._alerts is None:
@@ -527,6 +557,7 @@ class _Metrics:
         if last_tick is not None:
             self._tick.set(last_tick)
         self._blocked.set(1 if blocked else 0)
+        self._pruned.set(totals.get("captures_pruned", 0))
 
 
 def _dashboard_url() -> str:

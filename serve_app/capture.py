@@ -66,7 +66,7 @@ from segloop.errors import ConfigError
 
 logger = logging.getLogger("ray.serve")
 
-STATUSES = ("stored", "dropped", "skipped")
+STATUSES = ("stored", "dropped", "skipped", "over_budget")
 
 
 # ----------------------------------------------------------------------------- policy
@@ -139,7 +139,7 @@ def ray_capture_metrics() -> RayCaptureMetrics:
     return RayCaptureMetrics(
         captures=Counter(
             "segloop_captures",
-            description="Production samples offered for capture, by status (stored|dropped|skipped).",
+            description="Production samples offered for capture, by status (stored|dropped|skipped|over_budget).",
             tag_keys=("status",),
         ),
         queue=Gauge("segloop_capture_queue", description="Captured samples waiting to be written to the object store."),
@@ -189,6 +189,7 @@ class Capturer:
         policy_source: Optional[Callable[[], Any]] = None,
         policy_poll_s: float = 10.0,
         max_queue_bytes: int = 64 * 2**20,
+        budget: Optional[Callable[[int], bool]] = None,
         name: str = "segloop-capture",
     ) -> None:
         if queue_size < 1 or max_queue_bytes < 1:
@@ -206,6 +207,7 @@ class Capturer:
         self._metrics = metrics
         self._policy_source = policy_source
         self._policy_poll_s = float(policy_poll_s)
+        self._budget = budget
         self._store: Optional[ObjectStore] = None
         self._counts = {s: 0 for s in STATUSES}
         self._errors = 0
@@ -361,7 +363,22 @@ class Capturer:
         except Exception as err:  # noqa: BLE001 - keep the current policy
             logger.debug("capture policy source failed: %s", err)
 
+    def _within_budget(self, item: _Item) -> bool:
+        """Draw on the shared daily budget (the writer thread, never the request path)."""
+        if self._budget is None:
+            return True
+        try:
+            if self._budget(len(item.image)):
+                return True
+            self._count("over_budget")
+        except Exception as err:  # noqa: BLE001 - no ledger, no capture: the budget bounds the store
+            logger.warning("capture %s dropped: the capture budget cannot be read: %s", item.capture_id, err)
+            self._count("dropped")
+        return False
+
     def _write(self, item: _Item) -> None:
+        if not self._within_budget(item):
+            return
         try:
             meta, objects, json_key = build_metadata(
                 item.capture_id, item.when, item.image, item.content_type, item.record, item.policy

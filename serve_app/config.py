@@ -107,6 +107,16 @@ class CaptureArgs(BaseModel):
     queue_size: int = Field(256, ge=1)
     max_retries: int = Field(5, ge=0)
     policy_poll_s: float = Field(5.0, gt=0, description="how often replicas re-read control/capture_policy.json")
+    budget: Optional[dict] = Field(
+        None, description="dataplane.capture.CaptureBudget: objects_per_day / bytes_per_day across all replicas"
+    )
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: Optional[dict]) -> Optional[dict]:
+        from dataplane.capture import CaptureBudget
+
+        return None if v is None else CaptureBudget.model_validate(v).model_dump()
 
 
 class AppArgs(BaseModel):

@@ -117,9 +117,10 @@ def make_capturer(capture: dict[str, Any] | None) -> Any:
     """The replica's Capturer (None when capture is disabled); the store opens lazily."""
     if not capture:
         return None
-    from dataplane.capture import store_policy_source
+    from dataplane.capture import budget_gate, store_policy_source
     from serve_app.capture import Capturer, ray_capture_metrics
 
+    budget = capture.get("budget")
     return Capturer(
         capture["store"],
         capture.get("policy"),
@@ -128,6 +129,7 @@ def make_capturer(capture: dict[str, Any] | None) -> Any:
         metrics=ray_capture_metrics(),
         policy_source=store_policy_source(capture["store"]),
         policy_poll_s=capture.get("policy_poll_s", 5.0),
+        budget=budget_gate(budget, capture["store"]) if budget else None,
     )
 
 

@@ -116,7 +116,10 @@ def test_demo_loop_end_to_end(tmp_path: Path) -> None:
         # The monitoring actor's totals (gauges): one job submitted and succeeded, one promotion.
         for expr, want in (
             ("max by (decision) (ray_segloop_promotions)", {"promoted": 1, "rejected": 0}),
-            ("max by (status) (ray_segloop_retrain_jobs)", {"submitted": 1, "succeeded": 1, "failed": 0}),
+            (
+                "max by (status) (ray_segloop_retrain_jobs)",
+                {"submitted": 1, "succeeded": 1, "failed": 0, "stopped": 0, "lost": 0, "timed_out": 0, "exhausted": 0},
+            ),
         ):
             got = {
                 s["metric"].get("decision") or s["metric"]["status"]: max(float(v) for _, v in s["values"])

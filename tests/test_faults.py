@@ -269,3 +269,30 @@ def test_a_30s_mlflow_outage_mid_run_loses_no_metric_and_a_rerun_resumes(
         assert sorted({m.step for m in client.get_metric_history(result.run_id, "val_miou")}) == list(range(5))
     finally:
         os.killpg(outage["server"].pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- capture budget
+def test_traffic_above_the_capture_budget_stops_at_the_budget_across_replicas(ray_cluster, tmp_path: Path) -> None:
+    import ray
+
+    from dataplane.annotation import list_captures
+    from dataplane.capture import BUDGET_ACTOR, budget_gate
+    from dataplane.store import LocalStore
+    from serve_app.capture import Capturer
+    from tests.test_capture import jpeg, semantic_record
+
+    store = {"kind": "local", "root": str(tmp_path / "store")}
+    image, record = jpeg(), semantic_record(0.9)
+    replicas = [Capturer(store, {"mode": "all"}, budget=budget_gate({"objects_per_day": 7}, store)) for _ in range(2)]
+    try:
+        offered = [c.offer(image, "image/png", record) for _ in range(10) for c in replicas]
+        assert all(offered)  # the request path is not affected: every prediction was answered and queued
+        for c in replicas:
+            assert c.flush(30)
+        stats = [c.stats() for c in replicas]
+        assert sum(s["stored"] for s in stats) == 7 and sum(s["over_budget"] for s in stats) == 13
+        assert len(list_captures(LocalStore(tmp_path / "store"))) == 7
+    finally:
+        for c in replicas:
+            c.close()
+        ray.kill(ray.get_actor(BUDGET_ACTOR, namespace="segloop"))

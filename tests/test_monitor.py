@@ -71,11 +71,22 @@ def test_schedules() -> None:
     assert schedule_due(cfg, None, 0) and not schedule_due(cfg, 0, 30) and schedule_due(cfg, 0, 61)
 
 
+def _registry_with_a_promoted_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SQLite registry whose newest version a job tagged "promoted"."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model("segloop-pets")
+    mv = client.create_model_version("segloop-pets", source=(tmp_path / "model").as_uri())
+    client.set_model_version_tag("segloop-pets", mv.version, "segloop.decision", "promoted")
+
+
 def test_a_decision_mlflow_cannot_give_yet_is_read_on_a_later_tick(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A succeeded job's decision is never dropped when MLflow fails once (locked file, server blip)."""
-    import mlflow
 
     from tests.conftest import free_port
 
@@ -87,12 +98,7 @@ def test_a_decision_mlflow_cannot_give_yet_is_read_on_a_later_tick(
     assert m.record_pending_decisions() == []
     assert m.state["jobs"][0]["decision_recorded"] is False and m.state["totals"]["decisions"] == {}
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    client = mlflow.MlflowClient(uri)
-    client.create_registered_model("segloop-pets")
-    mv = client.create_model_version("segloop-pets", source=(tmp_path / "model").as_uri())
-    client.set_model_version_tag("segloop-pets", mv.version, "segloop.decision", "promoted")
+    _registry_with_a_promoted_version(tmp_path, monkeypatch)
     acts = m.record_pending_decisions()
     assert [a["decision"] for a in acts] == ["promoted"] and m.state["jobs"][0]["decision_recorded"] is True
     assert m.state["totals"]["decisions"] == {"promoted": 1}
@@ -132,3 +138,22 @@ def test_train_config_is_checked_where_the_jobs_will_read_it(tmp_path: Path, mon
         resolve_train_config(MonitorConfig(train_config="configs/nope.yaml"))
     with pytest.raises(ConfigError, match="inside job_working_dir"):
         resolve_train_config(MonitorConfig(train_config="nope.yaml", job_working_dir=str(tmp_path)))
+
+
+def test_capture_returns_to_its_baseline_when_the_alert_resolves_and_after_a_promotion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    m = make(tmp_path)
+    low, good = {"mean_confidence": 0.4}, {"mean_confidence": 0.9}
+    m.tick(now=0.0, signals=low)
+    m.tick(now=3.0, signals=low)
+    assert read_policy(m.store).mode == "entropy"
+    acts = m.tick(now=5.0, signals=good)
+    assert [a.get("reason") for a in acts if a["action"] == "capture"] == ["alert low_confidence resolved"]
+    assert read_policy(m.store).mode == "off"
+
+    m.switch_capture({"mode": "entropy", "threshold": 0.3}, reason="by hand")
+    _registry_with_a_promoted_version(tmp_path, monkeypatch)
+    decision = m.record_decision({"id": "raysubmit_1"})
+    assert decision["capture"]["ok"] and read_policy(m.store).mode == "off"

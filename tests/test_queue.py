@@ -468,3 +468,33 @@ def test_cli_list_export_simulate_import(tmp_path, pets, monkeypatch, capsys):
     assert q.main(["import", "pets", str(tmp_path / "nope.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert q.main(["export", "--top", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def test_retention_deletes_old_unused_captures_and_keeps_what_is_exported_or_versioned(tmp_path, pets):
+    import datetime as dt
+
+    from dataplane.retention import prune_captures
+    from dataplane.versions import add_samples
+
+    store = LocalStore(tmp_path / "s")
+    parent = create_version(store, "pets", pets, "semantic")
+    names = pet_names(pets)
+    ids = capture_pets(store, pets, {names[0]: 0.9, names[1]: 0.5, names[2]: 0.3, names[3]: 0.2})
+    q.export(store, tmp_path / "out", top=1)  # the most uncertain one went to annotators
+    add_samples(store, "pets", parent, {}, {"trainval": [ids[names[1]]]})  # one became a sample
+    before = set(store.list("captures/"))
+
+    assert prune_captures(store, 7).deleted == []  # all are recent
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=40)
+    dry = prune_captures(store, 7, now=later, dry_run=True)
+    assert sorted(dry.deleted) == sorted([ids[names[2]], ids[names[3]]]) and set(store.list("captures/")) == before
+    done = prune_captures(store, 7, now=later)
+    assert sorted(done.deleted) == sorted(dry.deleted) and done.kept_in_use == 2
+    left = {k.split("/")[2].split(".")[0] for k in store.list("captures/")}
+    assert left == {ids[names[0]], ids[names[1]]}
+    assert len(q.list_captures(store)) == 2  # no record points at a deleted image
+    with pytest.raises(ConfigError, match="at least 1 day"):
+        prune_captures(store, 0)

@@ -666,6 +666,7 @@ def batch(tag: str, n: int = 2, seed: int = 0) -> tuple[dict[str, bytes], dict[s
     return files, {"trainval": names}
 
 
+@pytest.mark.faults
 def test_concurrent_add_samples_both_reach_the_lineage(store, tmp_path):
     base = create_version(store, "pets", make_pets(tmp_path / "pets"), "semantic")
     racing = RacingStore(store, "pets", base.version)
@@ -714,6 +715,7 @@ _IMPORT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.faults
 def test_concurrent_add_samples_from_two_processes(store, tmp_path):
     base = create_version(store, "pets", make_pets(tmp_path / "pets"), "semantic")
     if isinstance(store, LocalStore):
@@ -770,6 +772,7 @@ def test_explicit_stale_parent_is_refused(store, tmp_path):
     assert [m.version for m in chain(store, "pets")] == [base.version, child.version, top.version, snap.version]
 
 
+@pytest.mark.faults
 def test_explicit_parent_losing_the_race_fails_loudly(store, tmp_path):
     base = create_version(store, "pets", make_pets(tmp_path / "pets"), "semantic")
     racing = RacingStore(store, "pets", base.version)
@@ -860,6 +863,7 @@ def _trimap_dir(root: Path, cids: list[str], seed: int) -> Path:
     return root
 
 
+@pytest.mark.faults
 def test_concurrent_trimap_imports_both_reach_latest(store, tmp_path):
     from dataplane.annotation.importer import import_annotations
 
@@ -892,6 +896,7 @@ def test_concurrent_trimap_imports_both_reach_latest(store, tmp_path):
     assert c in str(lost[0]) and "already in" in str(lost[0]) and latest_version(store, "pets") == won[0]
 
 
+@pytest.mark.faults
 def test_concurrent_coco_imports_merge_both(store, tmp_path):
     """Both imports rewrite annotations/instances_train.json: the loser is merged again onto the new head."""
     from dataplane.annotation.importer import import_annotations

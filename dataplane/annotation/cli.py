@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="default: trainval (semantic) / train (instance)")
     p.add_argument("--replace", action="store_true", help="allow re-annotating samples already in the parent")
     p.add_argument("--note", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser(
+        "prune", parents=[common], help="delete old captures that no export or dataset version uses (retention)"
+    )
+    p.add_argument("--older-than-days", type=float, required=True, help="keep every capture newer than this")
+    p.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
     return parser
 
 
@@ -162,11 +167,23 @@ def _cmd_import(store: ObjectStore, args: argparse.Namespace) -> None:
     print(f"{m.ref}  parent={m.parent}  +{len(added)} sample(s)  files={len(m.files)}")
 
 
+def _cmd_prune(store: ObjectStore, args: argparse.Namespace) -> None:
+    from dataplane.retention import prune_captures
+
+    r = prune_captures(store, args.older_than_days, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(
+        f"{verb} {len(r.deleted)} capture(s) ({r.objects_deleted} objects); kept {r.kept_in_use} in use "
+        f"(exported or in a dataset version) and {r.kept_recent} newer than {args.older_than_days:g} days"
+    )
+
+
 COMMANDS: dict[str, Callable[[ObjectStore, argparse.Namespace], None]] = {
     "list": _cmd_list,
     "export": _cmd_export,
     "simulate": _cmd_simulate,
     "import": _cmd_import,
+    "prune": _cmd_prune,
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from dataplane.annotation import coco, labelstudio, trimaps
 from dataplane.annotation.images import CapturedImage, captured_image
 from dataplane.annotation.records import CaptureRecord, iso, list_captures
 from dataplane.masks import decode_segmentation, read_label_png
-from dataplane.store import ObjectNotFound, ObjectStore
+from dataplane.store import EXPORTS_PREFIX, ObjectNotFound, ObjectStore
 from segloop.errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:
@@ -223,3 +224,5 @@ def _write_index(
         "captures": [dict(item.rec.summary(), file=item.file) for item in items],
     }
     path.write_text(json.dumps(index, indent=1))
+    # the store keeps a record of what went to annotators: retention never deletes those captures
+    store.put_json(f"{EXPORTS_PREFIX}{index['created'].replace(':', '')}-{uuid.uuid4().hex[:8]}.json", index)

@@ -58,6 +58,11 @@ class MonitorConfig(BaseModel):
         default_factory=lambda: {"mode": "off"},
         description="the policy capture returns to when no alert fires any more, and after a promotion",
     )
+    recalibrate_capture: bool = Field(
+        True,
+        description="after a promotion, capture_on_alert's entropy threshold becomes the new champion's mean "
+        "entropy over the rules' window (it was calibrated on the old champion)",
+    )
     capture_retention_days: Optional[float] = Field(
         30.0, ge=1, description="once a day, delete captures older than this that no export or version uses"
     )
@@ -181,6 +186,8 @@ class Monitor:
             "attempts": {},
             "retrain_blocked": None,
             "last_tick": None,
+            "calibrate_at": None,
+            "alert_threshold": None,
             "totals": {"alerts": {}, "jobs": {}, "decisions": {}},
         }
         if self.store.exists(STATE_KEY):
@@ -227,11 +234,12 @@ class Monitor:
             self._count("alerts", f"{e['rule']}|{e['state']}")
             actions.append({"action": "alert", **e})
             if e["state"] == "firing":
-                actions.append(self.switch_capture(self.cfg.capture_on_alert, reason=f"alert {e['rule']}"))
+                actions.append(self.switch_capture(self.alert_policy(), reason=f"alert {e['rule']}"))
             elif e["state"] == "resolved" and not self.engine.firing():
                 actions.append(self.switch_capture(self.cfg.capture_baseline, reason=f"alert {e['rule']} resolved"))
+        actions.append(self.maybe_recalibrate(now, signals))
         actions += self.follow_jobs(now)
-        actions += self.record_pending_decisions()
+        actions += self.record_pending_decisions(now)
         if not self.active_job():
             actions += self.maybe_retrain(now)
         actions.append(self.maybe_prune(now))
@@ -252,6 +260,22 @@ class Monitor:
             return {"action": "capture", "ok": False, "error": str(err)}
         self.state["capture"] = policy
         return {"action": "capture", "ok": True, "policy": policy, "reason": reason}
+
+    def alert_policy(self) -> dict:
+        """``capture_on_alert``, with the entropy threshold measured on the current champion if known."""
+        policy = dict(self.cfg.capture_on_alert)
+        if policy.get("mode") == "entropy" and self.state.get("alert_threshold") is not None:
+            policy["threshold"] = self.state["alert_threshold"]
+        return policy
+
+    def maybe_recalibrate(self, now: float, signals: dict[str, float | None]) -> dict:
+        """Once a promoted champion has served a full window, its mean entropy is the new threshold."""
+        due = self.state.get("calibrate_at")
+        entropy = signals.get("mean_entropy")
+        if due is None or now < due or entropy is None:
+            return {}
+        self.state["alert_threshold"], self.state["calibrate_at"] = round(float(entropy), 4), None
+        return {"action": "recalibrated", "threshold": self.state["alert_threshold"]}
 
     def maybe_prune(self, now: float) -> dict:
         """Apply the captures' retention rule once a day (a store error: tried again next tick)."""
@@ -417,7 +441,7 @@ class Monitor:
             actions.append({"action": "retry_scheduled", "dataset_version": version, "at": retry})
         return actions
 
-    def record_pending_decisions(self) -> list[dict]:
+    def record_pending_decisions(self, now: float | None = None) -> list[dict]:
         """Read the decision of every succeeded job not read yet; an MLflow error (a locked SQLite
         file, a server blip) is logged and retried on the next tick, never dropped."""
         actions = []
@@ -425,14 +449,14 @@ class Monitor:
             if job.get("decision_recorded") is not False:
                 continue
             try:
-                actions.append(self.record_decision(job))
+                actions.append(self.record_decision(job, now))
             except Exception as err:  # noqa: BLE001 - retried next tick; the job itself succeeded
                 log.warning("cannot read job %s's decision yet: %s: %s", job["id"], type(err).__name__, err)
                 continue
             job["decision_recorded"] = True
         return actions
 
-    def record_decision(self, job: dict) -> dict:
+    def record_decision(self, job: dict, now: float | None = None) -> dict:
         """Read what the job decided (registry tags) and move Serve to a new champion."""
         import mlflow
 
@@ -457,6 +481,9 @@ class Monitor:
         self._count("decisions", decision["decision"])
         if decision["decision"] == "promoted":  # the alert's thresholds were calibrated on the old champion
             decision["capture"] = self.switch_capture(self.cfg.capture_baseline, reason=f"new champion v{mv.version}")
+            if self.cfg.recalibrate_capture:
+                window = max((r.window_s for r in self.cfg.rules), default=0.0)
+                self.state["calibrate_at"] = (time.time() if now is None else now) + window
         champion = registry.champion_version(self.cfg.registered_model)
         if self.cfg.switch_serve and champion and decision["decision"] == "promoted":
             from monitoring.serving import redeploy_with_version
@@ -491,7 +518,7 @@ class Monitor:
     def status(self) -> dict[str, Any]:
         return {
             "firing": self.engine.firing(),
-            **{k: self.state[k] for k in ("trained", "capture", "last_tick", "retrain_blocked")},
+            **{k: self.state[k] for k in ("trained", "capture", "alert_threshold", "last_tick", "retrain_blocked")},
             "jobs": self.state["jobs"][-5:],
             "decisions": self.state["decisions"][-5:],
             "totals": self.state["totals"],

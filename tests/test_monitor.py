@@ -155,5 +155,13 @@ def test_capture_returns_to_its_baseline_when_the_alert_resolves_and_after_a_pro
 
     m.switch_capture({"mode": "entropy", "threshold": 0.3}, reason="by hand")
     _registry_with_a_promoted_version(tmp_path, monkeypatch)
-    decision = m.record_decision({"id": "raysubmit_1"})
+    decision = m.record_decision({"id": "raysubmit_1"}, now=10.0)
     assert decision["capture"]["ok"] and read_policy(m.store).mode == "off"
+
+    # re-calibrated for the new champion: its mean entropy over one rule window is the new threshold
+    served = {"mean_confidence": 0.9, "mean_entropy": 0.21}
+    assert not [a for a in m.tick(now=15.0, signals=served) if a["action"] == "recalibrated"]  # window not over
+    assert [a for a in m.tick(now=21.0, signals=served) if a["action"] == "recalibrated"][0]["threshold"] == 0.21
+    m.tick(now=200.0, signals=low)  # after the rule's cooldown, drift again
+    m.tick(now=203.0, signals=low)
+    assert read_policy(m.store).mode == "entropy" and read_policy(m.store).threshold == 0.21

@@ -6,10 +6,11 @@ Everything runs for real on 127.0.0.1: Ray, MLflow on SQLite, moto's S3 server.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from segloop.simcluster import free_port  # noqa: F401 - the tests' port helper, shared with the demo
 
 # Keep torch and Ray from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -41,12 +42,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that start their own Ray cluster run before the session cluster exists: two local
     clusters on one machine would fight over the dashboard agent's fixed port (52365)."""
     items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

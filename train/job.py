@@ -220,6 +220,12 @@ def compare_and_promote(
     from train import registry
 
     champ_version, champ_score = None, None
+
+    def decision(promoted: bool, reason: str) -> registry.Decision:
+        return registry.Decision(
+            promoted, version, challenger_score, champ_version, champ_score, cfg.promotion_margin, cfg.metric, reason
+        )
+
     try:
         with registry.promotion_lock(cfg.registered_model):
             champ_version = registry.champion_version(cfg.registered_model)
@@ -227,28 +233,16 @@ def compare_and_promote(
             promoted, reason = registry.decide(challenger_score, champ_score, cfg.promotion_margin)
             if not cfg.promote:
                 promoted, reason = False, "promotion disabled (promote=false); " + reason
-            decision = registry.Decision(
-                promoted,
-                version,
-                challenger_score,
-                champ_version,
-                champ_score,
-                cfg.promotion_margin,
-                cfg.metric,
-                reason,
-            )
-            registry.record_decision(cfg.registered_model, decision)
-            return decision
+            decided = decision(promoted, reason)
+            registry.record_decision(cfg.registered_model, decided)
+            return decided
     except Exception as err:  # noqa: BLE001 - any failure here means "not compared", never "promoted"
-        reason = f"not promoted: the champion could not be compared ({type(err).__name__}: {err})"
-    decision = registry.Decision(
-        False, version, challenger_score, champ_version, champ_score, cfg.promotion_margin, cfg.metric, reason
-    )
+        decided = decision(False, f"not promoted: the champion could not be compared ({type(err).__name__}: {err})")
     try:
-        registry.record_decision(cfg.registered_model, decision)
+        registry.record_decision(cfg.registered_model, decided)
     except Exception as err:  # noqa: BLE001 - the run's own tags still carry the decision
         print(f"warning: cannot tag {cfg.registered_model} v{version} with its decision: {err}", flush=True)
-    return decision
+    return decided
 
 
 def score_on_holdout(cfg: TrainConfig, ctx: RunContext, weights: dict[str, Any]) -> dict[str, Any]:

@@ -95,7 +95,8 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     """A binary mask as COCO compressed RLE ``{"size": [h, w], "counts": str}`` (JSON-ready)."""
     from pycocotools import mask as mask_utils
 
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    mask = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
+    rle = mask_utils.encode(np.asfortranarray(mask))  # no copy for an F-ordered bool/uint8 mask
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from segloop.settings import tracking_uri
+from segloop.settings import require_token_off_loopback, tracking_uri
 
 APP_NAME = "segloop"
 IMPORT_PATH = "serve_app.app:build_app"
@@ -125,6 +125,17 @@ def deploy_apps(
             wait_running(e["name"], timeout_s)
 
 
+def _why(app: Any) -> str:
+    """The app's message and each unhealthy deployment's (where a replica constructor's error is)."""
+    if app is None:
+        return ""
+    parts = [app.message]
+    for name, dep in app.deployments.items():
+        if dep.status.value not in ("HEALTHY", "UPSCALING", "DOWNSCALING") and dep.message:
+            parts.append(f"{name}: {dep.message.strip().splitlines()[-1]}")
+    return " ".join(p for p in parts if p)
+
+
 def wait_running(name: str, timeout_s: float = 180) -> None:
     """Block until Serve reports application ``name`` RUNNING (raises if it failed)."""
     deadline = time.time() + timeout_s
@@ -135,8 +146,7 @@ def wait_running(name: str, timeout_s: float = 180) -> None:
         if status == "RUNNING":
             return
         if status in ("DEPLOY_FAILED", "UNHEALTHY") or time.time() > deadline:
-            message = app.message if app is not None else ""
-            raise RuntimeError(f"Serve application {name!r} is {status}: {message}")
+            raise RuntimeError(f"Serve application {name!r} is {status}: {_why(app)}")
         time.sleep(0.5)
 
 
@@ -257,7 +267,9 @@ def _load_serve_config(path: str, overrides: list[str]) -> dict[str, Any]:
     return data
 
 
-def _cli_deploy(args: argparse.Namespace) -> int:
+def _deploy_plan(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The application entries and HTTP options ``segloop serve deploy`` will apply, checked
+    before Ray is touched (a bad file or a token-less public host fails here, not half-deployed)."""
     data = _load_serve_config(args.config, args.overrides)
     entries = []
     for app in data["applications"]:
@@ -270,6 +282,17 @@ def _cli_deploy(args: argparse.Namespace) -> int:
             entry["deployments"].append({**_model_deployment(app), "user_config": user_config})
         entries.append(entry)
     http = data.get("http_options") or {}
+    for e in entries:  # the replicas refuse too; failing here says so before anything is deployed
+        if e.get("import_path") == IMPORT_PATH:
+            app_args = e.get("args") or {}
+            require_token_off_loopback(
+                http.get("host", "127.0.0.1"), bool(app_args.get("auth_token") or app_args.get("auth_token_env"))
+            )
+    return entries, http
+
+
+def _cli_deploy(args: argparse.Namespace, plan: Optional[tuple[list, dict]] = None) -> int:
+    entries, http = plan or _deploy_plan(args)
     deploy_apps(
         entries,
         http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)},
@@ -328,12 +351,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``segloop serve deploy|switch|status`` against the Ray cluster at RAY_ADDRESS (default: auto)."""
     import ray
 
+    from segloop.errors import cli_error
+
     args = build_parser().parse_args(argv)
+    try:
+        plan = _deploy_plan(args) if args.cmd == "deploy" else None
+    except (ValueError, RuntimeError) as err:
+        return cli_error(err)
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace="serve", log_to_driver=False)
-    handlers = {"deploy": _cli_deploy, "switch": _cli_switch, "status": _cli_status}
+    handlers = {"deploy": lambda a: _cli_deploy(a, plan), "switch": _cli_switch, "status": _cli_status}
     try:
         return handlers[args.cmd](args)
     except (ValueError, RuntimeError, TimeoutError) as err:
-        from segloop.errors import cli_error
-
         return cli_error(err)

@@ -166,6 +166,7 @@ def step_ray(d: Demo) -> None:
     import ray
 
     from monitoring.actor import NAMESPACE
+    from segloop.settings import use_serve_fast_path
 
     if d.sim is not None:
         cpus = ray.cluster_resources().get("CPU", 0)
@@ -174,7 +175,8 @@ def step_ray(d: Demo) -> None:
         print(f"object store {d.store.describe()}, MLflow server {d.sim.mlflow_uri}")
         d.dashboard = d.sim.dashboard
         return
-    say("2. start Ray", "local cluster, dashboard on 127.0.0.1")
+    say("2. start Ray", "local cluster, dashboard on 127.0.0.1, Serve's HAProxy fast path")
+    use_serve_fast_path()  # Ray's processes read it when they start
     ctx = ray.init(
         num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1", namespace=NAMESPACE, log_to_driver=False
     )

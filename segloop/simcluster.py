@@ -138,7 +138,15 @@ def start_mlflow_server(base: Path, port: int | None = None) -> tuple[subprocess
 
 def cluster_env(s3: S3Endpoint, bucket: str, mlflow_uri: str) -> dict[str, str]:
     """The cluster profile: shared services only; credentials from the environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "SEGLOOP_", "MLFLOW_"))}
+    from segloop.settings import SERVE_FAST_PATH_ENV
+
+    # Serve's HAProxy fast path stays off here: both simulated nodes share this host's network, and
+    # each node's HAProxy would bind the same Serve, stats and metrics ports (on real nodes it is on)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_ADDRESS", "SEGLOOP_", "MLFLOW_")) and k not in SERVE_FAST_PATH_ENV
+    }
     env.update(
         RAY_AUTH_MODE="token",
         PATH=f"{BIN}:{env.get('PATH', '')}",

@@ -135,12 +135,24 @@ class AppArgs(BaseModel):
     auth_token_env: Optional[str] = Field(None, description="name of an env var holding the bearer token for /predict")
     auth_token: Optional[str] = Field(None, description="bearer token for /predict (prefer auth_token_env)")
     request_timeout_s: float = Field(60, gt=0, description="ingress gives up on the model after this long (504)")
+    body_timeout_s: float = Field(30, gt=0, description="the whole request body must arrive within this (else 408)")
+    drain_body_bytes: int = Field(
+        128 * 2**20,
+        ge=0,
+        description="a too-large body is read and dropped up to this size before the 413, so clients that "
+        "send the whole body before reading the answer get the JSON 413 instead of a connection reset",
+    )
+    topology: Literal["split", "fused"] = Field(
+        "split",
+        description="split: an HTTP deployment (SegIngress) calls the model deployment (SegModel); "
+        "fused: one deployment (SegModel) does both, with no actor call per request",
+    )
     # model deployment sizing
     model_autoscaling: Optional[Autoscaling] = Field(default_factory=Autoscaling)
     model_num_replicas: Optional[int] = Field(None, ge=1, description="fixed replica count instead of autoscaling")
     model_max_ongoing_requests: int = Field(16, ge=1)
     model_max_queued_requests: int = Field(64, ge=-1)
-    model_num_cpus: float = Field(1, ge=0)
+    model_num_cpus: float = Field(0.75, ge=0, description="0.5 + 2 x 0.75: two model replicas fit a 2-CPU node")
     model_num_gpus: float = Field(0, ge=0)
     # ingress sizing
     ingress_num_replicas: int = Field(1, ge=1)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from email.parser import BytesParser
-from email.policy import HTTP
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,8 +30,12 @@ REASONS = (
     "unsupported_format",
     "too_many_pixels",
     "body_too_large",
+    "bad_multipart",
+    "bad_request",
+    "body_timeout",
     "unauthorized",
     "overloaded",
+    "model_unavailable",
     "internal",
 )
 STATUS = {
@@ -43,8 +45,12 @@ STATUS = {
     "unsupported_format": 415,
     "too_many_pixels": 413,
     "body_too_large": 413,
+    "bad_multipart": 400,
+    "bad_request": 400,
+    "body_timeout": 408,
     "unauthorized": 401,
     "overloaded": 503,
+    "model_unavailable": 503,
     "internal": 500,
 }
 
@@ -166,28 +172,3 @@ def decode_image(data: bytes, limits: ImageLimits) -> np.ndarray:
     if array.ndim != 3 or array.shape[2] != 3:  # pragma: no cover - convert("RGB") guarantees it
         raise ImageRejected("not_an_image", f"decoded image has shape {array.shape}, expected [H, W, 3]")
     return np.ascontiguousarray(array)
-
-
-def multipart_file(body: bytes, content_type: str, field: str = "file") -> bytes:
-    """The bytes of form field ``field`` of a ``multipart/form-data`` body.
-
-    Parsed with the standard library's MIME parser (no extra dependency). A body without
-    that field is an ``empty_body`` rejection that says which fields it did have.
-    """
-    if "boundary=" not in content_type:
-        raise ImageRejected("not_an_image", "multipart/form-data request without a boundary parameter")
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart():
-        raise ImageRejected("not_an_image", "the multipart/form-data body cannot be parsed")
-    names = []
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        names.append(name)
-        if name == field:
-            payload = part.get_payload(decode=True)
-            return payload or b""
-    raise ImageRejected(
-        "empty_body", f"multipart body has no field {field!r} (fields: {names}); send the image as 'file'"
-    )

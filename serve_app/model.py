@@ -82,7 +82,7 @@ def _response_fields(predictor: Any, out: Any, image: np.ndarray, png: bool, sco
         mask = out.mask
     else:
         arrays = {"boxes": out.boxes, "labels": out.labels, "scores": out.scores, "masks": out.masks}
-        fields = instance_fields(arrays, names, image.shape[:2], score_threshold)
+        fields = instance_fields(arrays, names, image.shape[:2], score_threshold)  # masks on the model's grid
         mask = instance_label_mask(out.masks, out.scores, image.shape[:2]) if png else None
     if png:
         fields["mask_png"] = encode_png(mask)
@@ -101,6 +101,38 @@ def run_batch(
         fields = _response_fields(predictor, out, img, png, score_threshold)
         results.append({**fields, "model": model, "model_version": predictor.version})
     return results, forward_s
+
+
+def run_isolated(
+    predictor: Any, images: list[np.ndarray], want_png: list[bool], score_threshold: float
+) -> tuple[list[dict[str, Any]], float]:
+    """:func:`run_batch`; if the batch fails, each image alone, so a bad image fails only itself.
+
+    An image that fails on its own gets an error dict (``reason: internal``) in its slot.
+    """
+    try:
+        return run_batch(predictor, images, want_png, score_threshold)
+    except Exception as err:  # noqa: BLE001 - find the culprit below
+        if len(images) == 1:
+            raise
+        logger.warning(
+            "a batch of %d failed (%s: %s); predicting its images one by one", len(images), type(err).__name__, err
+        )
+    results: list[dict[str, Any]] = []
+    forward_s = 0.0
+    for image, png in zip(images, want_png):
+        try:
+            (result,), seconds = run_batch(predictor, [image], [png], score_threshold)
+        except Exception as err:  # noqa: BLE001 - this image's own failure
+            logger.exception("prediction failed for a %dx%d image", image.shape[1], image.shape[0])
+            result, seconds = _failed(err), 0.0
+        results.append(result)
+        forward_s += seconds
+    return results, forward_s
+
+
+def _failed(err: Exception) -> dict[str, Any]:
+    return {"error": f"prediction failed: {type(err).__name__}: {err}", "reason": "internal", "status": 500}
 
 
 def predict_bytes(lm: Any, bodies: list[bytes], limits: ImageLimits, score_threshold: float = 0.05) -> list[dict]:
@@ -238,7 +270,9 @@ class SegModel:
             result = await self._predict_batch(image, want_png)
         except Exception as err:  # noqa: BLE001 - a model failure answers 500, the replica stays up
             logger.exception("prediction failed")
-            return {"error": f"prediction failed: {type(err).__name__}: {err}", "reason": "internal", "status": 500}
+            return _failed(err)
+        if "reason" in result:
+            return result
         result["timings_ms"]["decode"] = round(decode_s * 1000, 3)
         self._capture(body, result)
         return result
@@ -259,10 +293,12 @@ class SegModel:
             raise RuntimeError("no model loaded")
         threshold = self._settings.score_threshold if self._settings else 0.05
         t0 = time.perf_counter()
-        results, forward_s = await asyncio.to_thread(run_batch, lm, list(images), list(want_png), threshold)
+        results, forward_s = await asyncio.to_thread(run_isolated, lm, list(images), list(want_png), threshold)
         total_s = time.perf_counter() - t0
         self._metrics.batch(lm.version, len(images), forward_s)
         for r in results:
+            if "reason" in r:
+                continue
             self._metrics.image(lm.version, r["confidence"], r["entropy"])
             r["timings_ms"] = {
                 "model": round(forward_s * 1000, 3),

@@ -82,27 +82,72 @@ def _box_region(box: Sequence[float], h: int, w: int) -> tuple[slice, slice]:
 
 
 def instance_confidence_entropy(
-    scores: np.ndarray, masks: np.ndarray, boxes: np.ndarray, score_threshold: float = 0.05
+    scores: np.ndarray,
+    masks: np.ndarray,
+    boxes: np.ndarray,
+    score_threshold: float = 0.05,
+    image_size: tuple[int, int] | None = None,
 ) -> tuple[float, float]:
     """Per-image (confidence, entropy) of instance predictions; see the module docstring.
 
-    ``scores`` [N], ``masks`` [N, H, W] (or [N, 1, H, W]) probabilities, ``boxes`` [N, 4] xyxy.
+    ``scores`` [N], ``masks`` [N, h, w] (or [N, 1, h, w]) probabilities (float, or uint8 x 255),
+    ``boxes`` [N, 4] xyxy in ``image_size`` coordinates (the mask grid's when None).
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    masks = np.asarray(masks)
-    if masks.ndim == 4:
-        masks = masks[:, 0]
+    masks = mask_probabilities(masks)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     keep = np.flatnonzero(scores >= score_threshold)
     if keep.size == 0:
         return 0.0, 1.0
     h, w = masks.shape[-2:]
+    if image_size is not None and tuple(image_size) != (h, w):
+        boxes = boxes * np.array([w / image_size[1], h / image_size[0]] * 2)
     per_instance = []
     for i in keep:
         rows, cols = _box_region(boxes[i], h, w)
         mask_entropy = float(binary_entropy(masks[i][rows, cols]).mean())
         per_instance.append(0.5 * mask_entropy + 0.5 * float(binary_entropy(scores[i])))
     return _unit(float(scores[keep].mean())), _unit(float(np.mean(per_instance)))
+
+
+def mask_probabilities(masks: np.ndarray) -> np.ndarray:
+    """[N, h, w] float probabilities from [N, 1, h, w] / [N, h, w] floats or uint8 (probability x 255)."""
+    masks = np.asarray(masks)
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    if masks.dtype == np.uint8:
+        return masks.astype(np.float32) / 255.0
+    return masks
+
+
+def full_size_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One instance's [H, W] bool mask (probability > 0.5) from its probabilities on any grid.
+
+    Masks are scaled one at a time and only around their support (bilinear, like
+    torchvision's mask pasting), so a response never holds more than one full-size mask and
+    a small instance in a large image costs little.
+    """
+    probs = mask_probabilities(mask[None])[0]
+    height, width = int(size[0]), int(size[1])
+    if probs.shape == (height, width):
+        return probs > 0.5
+    out = np.zeros((height, width), dtype=bool, order="F")  # the layout COCO RLE encodes from
+    # bilinear weights are convex: a pixel can only pass 0.5 next to a grid cell that does
+    inside = probs > 0.5
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if rows.size == 0:
+        return out
+    h, w = probs.shape
+    r0, r1 = max(rows[0] - 1, 0), min(rows[-1] + 2, h)  # one empty grid cell around the support
+    c0, c1 = max(cols[0] - 1, 0), min(cols[-1] + 2, w)
+    y0, y1 = round(r0 * height / h), round(r1 * height / h)
+    x0, x1 = round(c0 * width / w), round(c1 * width / w)
+    if y1 <= y0 or x1 <= x0:
+        return out
+    crop = np.clip(np.rint(probs[r0:r1, c0:c1] * 255), 0, 255).astype(np.uint8)
+    scaled = Image.fromarray(crop, mode="L").resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
+    out[y0:y1, x0:x1] = np.asarray(scaled) > 127
+    return out
 
 
 def _unit(x: float) -> float:
@@ -145,7 +190,7 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def instance_label_mask(masks: np.ndarray, scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """[H, W] uint8 map of instance indices (1-based, in response order, 0 = none); higher
-    scores win overlaps. At most 255 instances are drawn."""
+    scores win overlaps. At most 255 instances are drawn. ``masks`` may be on a coarser grid."""
     out = np.zeros(shape, dtype=np.uint8)
     masks = np.asarray(masks)
     if masks.ndim == 4:
@@ -153,7 +198,7 @@ def instance_label_mask(masks: np.ndarray, scores: np.ndarray, shape: tuple[int,
     order = np.argsort(np.asarray(scores).reshape(-1), kind="stable")  # low first, high scores paint last
     for i in order:
         if i < 255:
-            out[masks[i] > 0.5] = i + 1
+            out[full_size_mask(masks[i], shape)] = i + 1
     return out
 
 
@@ -189,6 +234,7 @@ def instance_fields(
 ) -> dict[str, Any]:
     """Response fields of one instance prediction: COCO results (``bbox`` xywh, RLE
     ``segmentation``) per instance with ``score >= score_threshold``, confidence, entropy."""
+    from dataplane.masks import encode_rle
     from train.metrics.instance import coco_results
 
     scores = np.asarray(prediction["scores"], dtype=np.float64).reshape(-1)
@@ -200,8 +246,10 @@ def instance_fields(
         masks = masks[:, 0]
     masks = masks[keep] if len(keep) else np.zeros((0, *image_size), dtype=np.float32)
     scores = scores[keep]
-    confidence, entropy = instance_confidence_entropy(scores, masks, boxes, score_threshold)
-    records = coco_results({image_id: {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks}})
+    confidence, entropy = instance_confidence_entropy(scores, masks, boxes, score_threshold, image_size)
+    records = coco_results({image_id: {"boxes": boxes, "labels": labels, "scores": scores}}, iou_type="bbox")
+    for r, m in zip(records, masks):  # one full-size mask at a time
+        r["segmentation"] = encode_rle(full_size_mask(m, image_size))
     for r in records:
         c = r["category_id"]
         r["category_name"] = class_names[c] if 0 <= c < len(class_names) else str(c)

@@ -67,9 +67,14 @@ def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """One local Ray cluster for the whole session (4 logical CPUs on the 2-core machine)."""
+    """One local Ray cluster for the whole session (4 logical CPUs on the 2-core machine), with
+    Serve's fast HTTP path on, as segloop ships it (HAProxy + direct ingress)."""
     import ray
 
+    from segloop.settings import use_serve_fast_path
+
+    use_serve_fast_path()  # read by Ray's processes when they start: before ray.init
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     metrics_port = free_port()
     ctx = ray.init(
         num_cpus=4,

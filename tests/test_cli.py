@@ -83,3 +83,23 @@ def test_every_shipped_config_validates():
     assert (ROOT / monitor.train_config).is_file()
     shipped = {p.name for p in (ROOT / "configs").glob("*.yaml")}
     assert shipped == {"pets.yaml", "coco.yaml", "tune_pets.yaml", "monitor.yaml"}, "a new config needs a check here"
+
+
+def test_serve_deploy_beyond_loopback_needs_a_token(tmp_path, capsys):
+    """Exposing /predict without a bearer token is refused before anything is deployed (exit 2)."""
+    import yaml
+
+    from segloop.settings import is_loopback, require_token_off_loopback
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve_config.yaml").read_text())
+    cfg["http_options"]["host"] = "0.0.0.0"
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run(["serve", "deploy", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "beyond loopback" in err and "auth_token_env: SEGLOOP_TOKEN" in err
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "10.0.0.5", "::", "example.org"))
+    require_token_off_loopback("0.0.0.0", has_token=True)  # with a token: allowed
+    with pytest.raises(ConfigError, match="beyond loopback"):
+        require_token_off_loopback("10.0.0.5", has_token=False)

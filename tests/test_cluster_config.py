@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from segloop.settings import SERVE_FAST_PATH_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 KUBERAY_YAML = ROOT / "kuberay.yaml"
@@ -147,6 +149,7 @@ def test_cluster_yaml_profile_reaches_every_node(node: SimpleNamespace, role: st
     for via in (PROFILE, ". ~/.bashrc"):  # explicit (start commands) and what every launcher shell sources
         env = _profile_env(node, via)
         assert env["RAY_AUTH_MODE"] == "token"
+        assert {k: env.get(k) for k in SERVE_FAST_PATH_ENV} == SERVE_FAST_PATH_ENV  # before `ray start`
         assert env["SEGLOOP_S3_SECRET_KEY"] == "test-secret-value"
         # the head's MLflow on its private IP, the same URI on the head and on workers
         assert env["MLFLOW_TRACKING_URI"] == "http://10.9.8.7:5000"
@@ -267,9 +270,16 @@ def test_rayservice_runs_the_same_app_as_serve_config() -> None:
     for d in kube["deployments"]:
         assert d["name"] in deps
         assert d.get("user_config") == deps[d["name"]].get("user_config")
-    # cluster-only differences: no local data_dir (MLflow/S3 come from the Secret), GPU model replicas
+    # cluster-only differences: no local data_dir (MLflow/S3 come from the Secret), GPU model replicas,
+    # and the bearer token: the RayService's proxy listens beyond loopback, where segloop refuses to serve
+    # without one (the token itself comes from the Secret, which every Ray container gets with envFrom)
     assert "data_dir" not in kube["args"]
-    assert {k: v for k, v in kube["args"].items()} == {k: v for k, v in local["args"].items() if k != "data_dir"}
+    assert kube["args"]["auth_token_env"] == "SEGLOOP_TOKEN"
+    assert "SEGLOOP_TOKEN" in _secret_command()[1]
+    cluster_only = ("data_dir", "auth_token_env")
+    assert {k: v for k, v in kube["args"].items() if k not in cluster_only} == {
+        k: v for k, v in local["args"].items() if k not in cluster_only
+    }
 
 
 def _ray_containers(svc: dict) -> list[tuple[str, dict]]:
@@ -375,6 +385,7 @@ def test_every_ray_node_has_token_auth_and_the_cluster_profile() -> None:
         env = _resolve_env(c, {name: literals})
         for key in (*PROFILE_KEYS, *CREDENTIAL_KEYS):
             assert env.get(key), f"{group}: {key} missing"
+        assert {k: env.get(k) for k in SERVE_FAST_PATH_ENV} == SERVE_FAST_PATH_ENV, group
         store = store_config_from_url(env["SEGLOOP_STORE"], env)
         assert shared_service_problems(store, env["MLFLOW_TRACKING_URI"]) == [], group
 
@@ -624,3 +635,11 @@ def test_monitor_cli_check_is_real(monkeypatch: pytest.MonkeyPatch) -> None:
         "monitoring.actor", ["start", "nope=1", "--config", "configs/monitor.yaml"], monkeypatch
     )
     assert rc != 0 and not started  # an unknown config key: refused before the actor starts
+
+
+def test_readme_exports_the_serve_fast_path_as_segloop_sets_it() -> None:
+    """The README's `export` before `ray start` is the same set cluster.yaml, kuberay.yaml and the demo use."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    (line,) = [x for x in text.splitlines() if x.startswith("export RAY_SERVE_ENABLE_HA_PROXY")]
+    exported = dict(item.split("=", 1) for item in shlex.split(line.split("#")[0])[1:])
+    assert exported == SERVE_FAST_PATH_ENV

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.imaging import ImageLimits, ImageRejected, decode_image, multipart_file, probe
+from serve_app.imaging import ImageLimits, ImageRejected, decode_image, probe
 
 LIMITS = ImageLimits(max_bytes=100_000, max_pixels=256 * 256)
 
@@ -93,21 +93,3 @@ def test_status_codes():
     with pytest.raises(ImageRejected) as info:
         decode_image(encode(gradient(), "GIF"), LIMITS)
     assert info.value.status == 415 and info.value.to_json()["reason"] == "unsupported_format"
-
-
-def test_multipart_file():
-    data = encode(gradient(), "PNG")
-    boundary = "XyZ123"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    assert multipart_file(body, f"multipart/form-data; boundary={boundary}") == data
-    with pytest.raises(ImageRejected) as info:
-        multipart_file(body, f"multipart/form-data; boundary={boundary}", field="image")
-    assert info.value.reason == "empty_body" and "note" in info.value.message

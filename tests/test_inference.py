@@ -64,3 +64,39 @@ def decode_png_b64(data: str) -> np.ndarray:
     import base64
 
     return decode_png(base64.b64decode(data))
+
+
+MEMORY_PROBE = """
+import resource, sys, numpy as np, torch
+from train.models import build_model
+from train.model_ref import ModelMeta
+from train.predict import Predictor
+from serve_app.model import run_batch
+kw = {"min_size": 96, "max_size": 128, "box_detections_per_img": 100, "box_score_thresh": 0.0}
+torch.manual_seed(0)
+model = build_model("maskrcnn_mobilenet_v3_large_fpn", 4, **kw).eval()
+meta = ModelMeta(model="maskrcnn_mobilenet_v3_large_fpn", task="instance", num_classes=4,
+                 class_names=["background", "a", "b", "c"], image_size=96, model_kwargs=kw)
+predictor = Predictor.from_state(meta, model.state_dict())
+side = int(sys.argv[1])
+image = np.frombuffer(np.random.default_rng(0).bytes(side * side * 3), np.uint8).reshape(side, side, 3).copy()
+run_batch(predictor, [np.zeros((64, 64, 3), np.uint8)], [True], 0.0)  # warm-up: allocator pools, lazy imports
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+(result,), _ = run_batch(predictor, [image], [True], 0.0)  # JSON fields and the label PNG
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(result["num_instances"], (after - before) // 1024, len(result["mask_png"]))
+"""
+
+
+@pytest.mark.slow
+def test_instance_masks_of_a_large_image_stay_within_a_memory_budget():
+    """~100 detections on a 4096 x 4096 upload: float32 masks at full size were 6.7 GB (and copies)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, "4096"], capture_output=True, text=True, timeout=300, check=True
+    ).stdout.split()
+    instances, growth_mb = int(out[0]), int(out[1])
+    assert instances >= 80, f"the probe needs many detections, got {instances}"
+    assert growth_mb < 512, f"peak memory grew by {growth_mb} MB answering one large image"

@@ -103,3 +103,19 @@ def test_instance_fields_no_detections():
     }
     f = instance_fields(pred, ["background", "x"], (8, 8))
     assert f["instances"] == [] and f["confidence"] == 0.0 and f["entropy"] == 1.0
+
+
+def test_instance_masks_on_a_coarser_grid_scale_to_the_image():
+    """The predictor keeps uint8 masks on the model's grid; responses are still at the image size."""
+    fine = np.zeros((1, 20, 30), np.float32)
+    fine[0, 4:12, 6:18] = 0.9
+    coarse = np.zeros((1, 10, 15), np.uint8)
+    coarse[0, 2:6, 3:9] = round(0.9 * 255)
+    base = {"boxes": np.array([[6, 4, 18, 12]], np.float32), "labels": np.array([1]), "scores": np.array([0.8])}
+    a = instance_fields({**base, "masks": fine}, ["background", "ball"], (20, 30))
+    b = instance_fields({**base, "masks": coarse}, ["background", "ball"], (20, 30))
+    ma, mb = (mask_utils.decode(f["instances"][0]["segmentation"]) for f in (a, b))
+    assert mb.shape == (20, 30) and np.abs(ma.astype(int) - mb).sum() <= 0.1 * ma.sum()
+    assert b["entropy"] == pytest.approx(a["entropy"], abs=0.02)
+    labels = instance_label_mask(coarse, base["scores"], (20, 30))
+    assert labels.shape == (20, 30) and (labels == 1).sum() == mb.sum()

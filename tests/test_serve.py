@@ -67,6 +67,7 @@ def serve_urls(ray_cluster, store, instance_checkpoint):
         },
         model_max_ongoing_requests=16,
         model_max_queued_requests=16,
+        body_timeout_s=2,
         **common,
     )
     inst = AppArgs(
@@ -333,6 +334,69 @@ def test_overload_answers_503(serve_urls):
     assert post(serve_urls["sem"], image_bytes(5)).status_code == 200
 
 
+# ----------------------------------------------------------------------------- a request path no client can break
+
+
+def _form(*parts: bytes, boundary: str = "B0undary") -> bytes:
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+def _part(name: str, data: bytes, extra: str = "", boundary: str = "B0undary") -> bytes:
+    return f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{extra}\r\n\r\n'.encode() + data + b"\r\n"
+
+
+def test_malformed_multipart_bodies_answer_400_in_bounded_time(serve_urls):
+    jpeg = image_bytes(6, (64, 64))
+    ct = "multipart/form-data; boundary=B0undary"
+    cases = [
+        ("nested parentheses", _form(_part("x", b"1", "; c=" + "(" * 150 + ")" * 150)), ct),  # was a 500
+        ("3k parts", _form(*[_part("f", b"x") for _ in range(3_000)]), ct),  # 20k: see test_body (size limit here)
+        ("20k header parameters", _form(_part("file", jpeg, "".join(f"; p{i}=v" for i in range(20_000)))), ct),
+        ("no boundary", _form(_part("file", jpeg)), "multipart/form-data"),
+        ("truncated", _form(_part("file", jpeg))[:-30], ct),
+    ]
+    for name, body, content_type in cases:
+        t0 = time.perf_counter()
+        r = requests.post(serve_urls["sem"] + "/predict", data=body, headers={"Content-Type": content_type}, timeout=30)
+        assert time.perf_counter() - t0 < 10, name
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json", (name, r.status_code, r.text)
+        assert r.json()["reason"] in ("bad_multipart", "empty_body") and r.json()["error"], (name, r.json())
+    assert post(serve_urls["sem"], image_bytes(5)).status_code == 200
+
+
+def test_slow_body_gets_408_whatever_the_timeout_header_says(serve_urls):
+    """The body deadline (2 s here) holds even when the client asks Serve for no timeout at all."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", serve_urls["port"]), timeout=30) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n"
+            b"x-request-timeout-seconds: 0\r\n\r\n\xff\xd8\xff"
+        )
+        t0, reply = time.perf_counter(), b""
+        sock.settimeout(0.5)
+        while b"\r\n\r\n" not in reply and time.perf_counter() - t0 < 20:
+            try:
+                sock.sendall(b"\x00" * 10)  # 20 bytes/s
+                reply += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        reply += sock.recv(65536) if b"}" not in reply else b""
+    elapsed = time.perf_counter() - t0
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply[:300]
+    assert b'"reason":"body_timeout"' in body and elapsed < 10
+
+
+def test_too_large_body_sent_whole_gets_a_json_413(serve_urls):
+    """Python requests writes the whole 80 MB before reading: it must see the 413, not a reset."""
+    r = requests.post(serve_urls["sem"] + "/predict", data=b"\xff\xd8\xff" + bytes(80 * 2**20), timeout=120)
+    assert r.status_code == 413 and r.json()["reason"] == "body_too_large", r.text[:300]
+    assert post(serve_urls["sem"], image_bytes(5)).status_code == 200
+
+
 # ----------------------------------------------------------------------------- instance
 
 
@@ -365,6 +429,24 @@ def test_instance_prediction_and_auth(serve_urls):
     assert labels.shape == (96, 96) and labels.max() <= body["num_instances"]
     # health needs no token
     assert requests.get(serve_urls["inst"] + "/healthz", timeout=30).status_code == 200
+
+
+def test_a_bad_image_does_not_fail_its_batch_neighbours(serve_urls):
+    """A 1 x 4000 image makes Mask R-CNN's resize fail; the images batched with it still answer."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    bad = io.BytesIO()
+    Image.new("RGB", (4000, 1), (90, 90, 90)).save(bad, format="PNG")
+    bodies = [bad.getvalue()] + [shapes_bytes(i, 96) for i in range(3)]
+    for _ in range(5):  # until the four land in one batch (max_batch_size 4)
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda b: post(serve_urls["inst"], b, headers=auth), bodies))
+        good = [r.json() for r in responses[1:] if r.status_code == 200]
+        if good and max(g["timings_ms"]["batch_size"] for g in good) == 4:
+            break
+    else:
+        pytest.fail("the four requests never shared a batch")
+    assert [r.status_code for r in responses[1:]] == [200, 200, 200], [r.text for r in responses]
+    assert responses[0].status_code == 500 and responses[0].json()["reason"] == "internal"
 
 
 # ----------------------------------------------------------------------------- model switching
@@ -430,3 +512,142 @@ def test_champion_change_fails_no_request(serve_urls, store):
     info = requests.get(serve_urls["sem"] + "/model", timeout=30).json()
     assert info["pid"] == pid and info["switches"] == 2  # swapped in place, never restarted
     assert info["follows"] == f"models:/{SEM_MODEL}/{store['v1']}"
+
+
+# ----------------------------------------------------------------------------- autoscaling and dead replicas
+
+
+def _replica_pids(app: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+    return [a.pid for a in actors if (a.class_name or "").endswith(f"ServeReplica:{app}:SegModel")]
+
+
+def _running_replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    return 0 if status is None else status.deployments["SegModel"].replica_states.get("RUNNING", 0)
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_shipped_cpu_requests_fit_two_model_replicas_on_a_two_cpu_node():
+    import yaml
+
+    app = yaml.safe_load((Path(__file__).parents[1] / "serve_config.yaml").read_text())["applications"][0]
+    sizes = {d["name"]: d for d in app["deployments"]}
+    model = sizes["SegModel"]
+    cpus = model["ray_actor_options"]["num_cpus"] * model["autoscaling_config"]["max_replicas"]
+    cpus += sum(d.get("ray_actor_options", {}).get("num_cpus", 1) for name, d in sizes.items() if name != "SegModel")
+    assert model["autoscaling_config"]["max_replicas"] >= 2 and cpus <= 2.0, cpus
+
+
+@pytest.mark.slow
+def test_model_scales_out_survives_a_kill_and_scales_back(serve_urls, store):
+    """Load → 1 → 2 model replicas; kill -9 one under load → no failed request; idle → 1; kill the
+    last one under load → only 200s and JSON 503s with Retry-After, never a 500."""
+    import os
+    import signal
+
+    from ray import serve
+
+    from monitoring.serving import deploy
+    from serve_app.config import AppArgs
+
+    app = "segloop-scale"
+    args = AppArgs(
+        data_dir=str(store["data_dir"]),
+        model={"model_uri": f"models:/{SEM_MODEL}@champion", "poll_interval_s": 0, "max_batch_size": 4},
+        model_autoscaling={
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 3,
+            "look_back_period_s": 2,
+            "metrics_interval_s": 0.5,
+        },
+        model_num_cpus=0.75,
+        ingress_num_cpus=0,
+        capture=None,
+    )
+    deploy(args, app, "/scale", http_options={"host": "127.0.0.1", "port": serve_urls["port"]})
+    url = serve_urls["sem"] + "/scale"
+    try:
+        assert _running_replicas(app) == 1
+        with Stream(url, threads=8) as stream:
+            _wait(lambda: _running_replicas(app) == 2, 120, "a second model replica under load")
+            time.sleep(2)
+            os.kill(_replica_pids(app)[0], signal.SIGKILL)
+            time.sleep(8)
+        codes = [code for _, code, _ in stream.results]
+        assert codes and set(codes) == {200}, [c for c in codes if c != 200][:5]
+        _wait(lambda: _running_replicas(app) == 1 and len(_replica_pids(app)) == 1, 120, "scale-in to one replica")
+        answers: list[requests.Response] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                answers.append(post(url, image_bytes(7), timeout=90))
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        os.kill(_replica_pids(app)[0], signal.SIGKILL)
+        time.sleep(6)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        assert {r.status_code for r in answers} <= {200, 503}, [(r.status_code, r.text[:200]) for r in answers]
+        for r in answers:
+            if r.status_code == 503:
+                assert r.json()["reason"] in ("model_unavailable", "overloaded") and r.headers["Retry-After"]
+    finally:
+        serve.delete(app)
+
+
+@pytest.mark.slow
+def test_fused_topology_answers_like_the_split_one(serve_urls, store):
+    """topology: fused (one deployment, HTTP in the model replica): same answers, same error contract."""
+    from ray import serve
+
+    from monitoring.serving import deploy
+    from serve_app.config import AppArgs
+
+    app = "segloop-fused"
+    image = image_bytes(11, (64, 64))
+    split = post(serve_urls["sem"], image).json()  # pinned to the version the split app serves now
+    args = AppArgs(
+        data_dir=str(store["data_dir"]),
+        topology="fused",
+        model={"model_uri": f"models:/{SEM_MODEL}/{split['model_version']}", "poll_interval_s": 0, "max_batch_size": 4},
+        model_num_replicas=1,
+        model_num_cpus=0.5,
+        max_body_bytes=MAX_BYTES,
+        max_pixels=MAX_PIXELS,
+        capture=None,
+    )
+    deploy(args, app, "/fused", http_options={"host": "127.0.0.1", "port": serve_urls["port"]})
+    url = serve_urls["sem"] + "/fused"
+    try:
+        fused = post(url, image)
+        assert fused.status_code == 200, fused.text
+        assert fused.json()["model_version"] == split["model_version"]
+        assert np.array_equal(png_mask(fused.json()["mask_png_base64"]), png_mask(split["mask_png_base64"]))
+        info = requests.get(url + "/model", timeout=30).json()
+        assert info["version"] == split["model_version"] and info["ready"]
+        assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+        for name, kwargs, status, reason in _bad_inputs():
+            r = requests.post(url + "/predict", timeout=60, **kwargs)
+            assert (r.status_code, r.json()["reason"]) == (status, reason), (name, r.text)
+    finally:
+        serve.delete(app)

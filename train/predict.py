@@ -50,12 +50,18 @@ class SemanticOutput:
 
 @dataclass
 class InstanceOutput:
-    """One image: detections at or above the score threshold, in input coordinates."""
+    """One image: detections at or above the score threshold, boxes in input coordinates.
 
-    boxes: np.ndarray  # [N, 4] xyxy float32
+    ``masks`` are probabilities x 255 as uint8 on the model's working grid (at most
+    ``min_size``/``max_size`` of its transform), not float32 at the input size: 100 masks of a
+    4096 x 4096 image would be 6.7 GB. :func:`serve_app.postprocess` scales one at a time.
+    """
+
+    boxes: np.ndarray  # [N, 4] xyxy float32, input coordinates
     labels: np.ndarray  # [N] int64
     scores: np.ndarray  # [N] float32
-    masks: np.ndarray  # [N, 1, H, W] float32 probabilities
+    masks: np.ndarray  # [N, h, w] uint8, probability x 255 on the mask grid
+    image_size: tuple[int, int] = (0, 0)  # (H, W) of the input
 
 
 Output = Union[SemanticOutput, InstanceOutput]
@@ -239,7 +245,7 @@ class Predictor:
 
     @torch.inference_mode()
     def _instance(self, images: list[np.ndarray], score_threshold: float) -> tuple[list[Output], float]:
-        xs = [self.transforms(_chw(img), None)[0] for img in images]
+        xs = [_to_working_size(self.transforms(_chw(img), None)[0], self.model) for img in images]
         # Same-size images go through the model together; mixing sizes would pad the smaller ones
         # and change their results, and a response must not depend on its batch neighbours.
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -247,15 +253,55 @@ class Predictor:
             groups.setdefault(tuple(x.shape), []).append(i)
         outs: list[Optional[Output]] = [None] * len(xs)
         t0 = time.perf_counter()
-        for idx in groups.values():
-            with self._autocast():
-                raw = self.model([xs[i].to(self.device, non_blocking=True) for i in idx])
-            for i, o in zip(idx, raw):
-                keep = o["scores"] >= score_threshold
-                outs[i] = InstanceOutput(
-                    boxes=o["boxes"][keep].float().cpu().numpy(),
-                    labels=o["labels"][keep].cpu().numpy(),
-                    scores=o["scores"][keep].float().cpu().numpy(),
-                    masks=o["masks"][keep].float().cpu().numpy(),
-                )
+        for shape, idx in groups.items():
+            step = _images_per_forward(self.model, shape)  # caps the model's float32 masks per forward
+            for k in range(0, len(idx), step):
+                chunk = idx[k : k + step]
+                with self._autocast():
+                    raw = self.model([xs[i].to(self.device, non_blocking=True) for i in chunk])
+                for i, o in zip(chunk, raw):
+                    outs[i] = _instance_output(o, score_threshold, images[i].shape[:2])
         return outs, time.perf_counter() - t0  # type: ignore[return-value]
+
+
+MAX_MASK_BYTES = 256 * 2**20  # float32 masks Mask R-CNN may hold at once in one forward
+
+
+def _to_working_size(x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """Downscale a large image to the size the detector's own transform would resize it to.
+
+    The detector then pastes its masks on that grid instead of the input's (same scale rule
+    as torchvision's ``GeneralizedRCNNTransform``); smaller images are left to the model.
+    """
+    transform = getattr(model, "transform", None)
+    if transform is None:
+        return x
+    h, w = x.shape[-2:]
+    scale = min(float(transform.min_size[-1]) / min(h, w), float(transform.max_size) / max(h, w))
+    if scale >= 1 or int(h * scale) < 1 or int(w * scale) < 1:
+        return x
+    return F.interpolate(
+        x[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+    )[0]
+
+
+def _images_per_forward(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    per_image = int(getattr(getattr(model, "roi_heads", None), "detections_per_img", 100)) * shape[-1] * shape[-2] * 4
+    return max(1, MAX_MASK_BYTES // max(per_image, 1))
+
+
+def _instance_output(o: dict[str, torch.Tensor], score_threshold: float, image_size: tuple[int, int]) -> InstanceOutput:
+    keep = o["scores"] >= score_threshold
+    masks = o["masks"][keep]
+    grid = masks.shape[-2:]
+    boxes = o["boxes"][keep].float()
+    if tuple(grid) != tuple(image_size):  # boxes back to input coordinates
+        sy, sx = image_size[0] / grid[0], image_size[1] / grid[1]
+        boxes = boxes * torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype, device=boxes.device)
+    return InstanceOutput(
+        boxes=boxes.cpu().numpy(),
+        labels=o["labels"][keep].cpu().numpy(),
+        scores=o["scores"][keep].float().cpu().numpy(),
+        masks=(masks[:, 0].float() * 255).round_().to(torch.uint8).cpu().numpy(),
+        image_size=(int(image_size[0]), int(image_size[1])),
+    )

@@ -32,7 +32,6 @@ import io
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,14 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from segloop.simcluster import free_port  # noqa: E402 - after the path setup above
 
 # ----------------------------------------------------------------------------- setup
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_checkpoint(model_name: str, image_size: int, out: Path, seed: int = 0) -> Path:

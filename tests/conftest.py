@@ -6,6 +6,7 @@ Everything runs for real on 127.0.0.1: Ray, MLflow on SQLite, moto's S3 server.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,17 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("long") and os.environ.get("SEGLOOP_LONG_TESTS") != "1":
         pytest.skip("long test: set SEGLOOP_LONG_TESTS=1 (make test-long) to run it")
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    """Poll ``predicate`` until it returns something truthy (returned); fail naming ``what``."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

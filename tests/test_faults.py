@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from tests.conftest import wait_for
 from train import registry
 from train.config import TrainConfig
 from train.job import compare_and_promote
@@ -104,16 +105,6 @@ def test_a_champion_mlflow_cannot_read_is_never_replaced(ray_cluster, tmp_path: 
 
 
 # ----------------------------------------------------------------------------- the monitor's retraining jobs
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
 @pytest.fixture()
 def failing_monitor(ray_cluster, pets_root: Path, tmp_path: Path):
     """A monitor config whose retraining job always fails (a config error: exit 2 in seconds)."""
@@ -154,9 +145,9 @@ def test_a_failing_job_backs_off_gives_up_and_a_killed_monitor_ticks_on(failing_
     config, store, v1 = failing_monitor
     handle = actor.start(config, restart=True)
     try:
-        _wait(lambda: ray.get(handle.status.remote())["trained"], 30, "the first tick")
+        wait_for(lambda: ray.get(handle.status.remote())["trained"], 30, "the first tick")
         v2 = _new_version(store, v1, b"backoff test")
-        status = _wait(
+        status = wait_for(
             lambda: (s := ray.get(handle.status.remote()))["retrain_blocked"] == v2 and s, 120, "attempts used up"
         )
         jobs = [j for j in status["jobs"] if j["dataset_version"] == v2]
@@ -169,7 +160,7 @@ def test_a_failing_job_backs_off_gives_up_and_a_killed_monitor_ticks_on(failing_
         (info,) = [a for a in list_actors(filters=[("name", "=", actor.ACTOR_NAME)]) if a.state == "ALIVE"]
         killed_at = time.time()
         os.kill(info.pid, signal.SIGKILL)
-        after = _wait(
+        after = wait_for(
             lambda: (s := _status_or_none(handle)) and (s["last_tick"] or 0) > killed_at + 1 and s,
             90,
             "the restarted monitor's tick",
@@ -218,7 +209,7 @@ def test_jobs_are_adopted_released_and_stopped_at_their_deadline(failing_monitor
     ended = late.follow_jobs(time.time())
     assert ended[0]["status"] == "TIMED_OUT", ended
     assert late.state["attempts"][job["dataset_version"]]["failures"] == 1
-    _wait(lambda: client.get_job_status(job["id"]) == JobStatus.STOPPED, 30, "the job to be stopped")
+    wait_for(lambda: client.get_job_status(job["id"]) == JobStatus.STOPPED, 30, "the job to be stopped")
 
 
 # ----------------------------------------------------------------------------- training through an MLflow outage
@@ -244,7 +235,7 @@ def test_a_30s_mlflow_outage_mid_run_loses_no_metric_and_a_rerun_resumes(
             runs = mlflow.search_runs(experiment_names=[cfg.experiment], output_format="list")
             return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "val_miou"))
 
-        _wait(first_epoch_logged, 240, "the first epoch's metrics")
+        wait_for(first_epoch_logged, 240, "the first epoch's metrics")
         os.killpg(proc.pid, signal.SIGKILL)
         outage["start"] = time.time()
         time.sleep(30)

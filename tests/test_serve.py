@@ -20,7 +20,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from tests.serve_helpers import INSTANCE, SEMANTIC, image_bytes, register_model, save_checkpoint, shapes_bytes
 
 SEM_APP, INST_APP = "segloop-sem", "segloop-inst"
@@ -531,14 +531,6 @@ def _running_replicas(app: str) -> int:
     return 0 if status is None else status.deployments["SegModel"].replica_states.get("RUNNING", 0)
 
 
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.time() + timeout_s
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.5)
-
-
 def test_shipped_cpu_requests_fit_two_model_replicas_on_a_two_cpu_node():
     import yaml
 
@@ -584,13 +576,13 @@ def test_model_scales_out_survives_a_kill_and_scales_back(serve_urls, store):
     try:
         assert _running_replicas(app) == 1
         with Stream(url, threads=8) as stream:
-            _wait(lambda: _running_replicas(app) == 2, 120, "a second model replica under load")
+            wait_for(lambda: _running_replicas(app) == 2, 120, "a second model replica under load")
             time.sleep(2)
             os.kill(_replica_pids(app)[0], signal.SIGKILL)
             time.sleep(8)
         codes = [code for _, code, _ in stream.results]
         assert codes and set(codes) == {200}, [c for c in codes if c != 200][:5]
-        _wait(lambda: _running_replicas(app) == 1 and len(_replica_pids(app)) == 1, 120, "scale-in to one replica")
+        wait_for(lambda: _running_replicas(app) == 1 and len(_replica_pids(app)) == 1, 120, "scale-in to one replica")
         answers: list[requests.Response] = []
         stop = threading.Event()
 

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Optional, Union
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dataplane.store import (
@@ -106,6 +107,17 @@ class CapturePolicy(BaseModel):
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="entropy mode: capture when entropy >= threshold")
     fraction: float = Field(0.1, gt=0.0, le=1.0, description="top_fraction mode: share of recent traffic to keep")
     window: int = Field(200, ge=1, le=100_000, description="top_fraction mode: recent predictions to rank against")
+    random_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="also keep this share of the traffic the mode leaves out, at random"
+    )
+    drop_duplicates: bool = Field(True, description="drop exact (sha256) and near copies of recent captures")
+    near_duplicate_cosine: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="a near copy: embedding cosine at least this to one this replica captured recently "
+        "(1.0: exact copies only)",
+    )
 
 
 def parse_policy(policy: Union[CapturePolicy, Mapping[str, Any], str, None]) -> CapturePolicy:
@@ -251,6 +263,14 @@ def build_metadata(
                                    score, bbox [x,y,w,h], segmentation {size, counts}}]}  (COCO RLE)
                         or null when the response carried no mask
         policy          the policy that selected the sample
+        selected_by     "policy" (the mode chose it) or "random" (the policy's random share)
+        uncertainty     {entropy, class_balanced_entropy, top_entropy, margin} (semantic) or
+                        {entropy, score_entropy, mask_entropy, max_instance_entropy,
+                         class_balanced_entropy, margin} (instance); see train.uncertainty
+        embedding       {dtype: "float16", dim, model_version, data: base64 little-endian} or null
+
+    ``selected_by``, ``uncertainty`` and ``embedding`` were added later: readers treat them as
+    optional (older captures lack them) and older readers ignore them.
     """
     fmt, ext, mime = image_format(image, content_type)
     data_key, json_key = capture_keys(capture_id, ext, when)
@@ -265,7 +285,7 @@ def build_metadata(
         prediction, preannotation, mask = _semantic_prediction(record, json_key)
         objects.update(mask)
     prediction = {"class_names": [str(c) for c in record.get("class_names") or []], **prediction}
-    meta = {
+    meta: dict[str, Any] = {
         "format": METADATA_FORMAT,
         "id": capture_id,
         "time": _utc_iso(when),
@@ -284,8 +304,42 @@ def build_metadata(
         "prediction": prediction,
         "preannotation": preannotation,
         "policy": policy.model_dump() if policy is not None else None,
+        "selected_by": str(record.get("selected_by") or "policy"),
+        "uncertainty": _uncertainty(record.get("uncertainty")),
     }
+    meta["embedding"] = encode_embedding(record.get("embedding"), meta["model_version"])
     return meta, objects, json_key
+
+
+def _uncertainty(stats: Any) -> Optional[dict[str, float]]:
+    if not isinstance(stats, Mapping):
+        return None
+    out = {str(k): finite_or_none(v) for k, v in stats.items()}
+    return {k: v for k, v in out.items() if v is not None} or None
+
+
+def encode_embedding(vector: Any, model_version: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """A capture's embedding as JSON: float16 little-endian bytes in base64 (None: no embedding)."""
+    if vector is None:
+        return None
+    v = np.asarray(vector, dtype="<f2").reshape(-1)
+    if v.size == 0 or not np.isfinite(v).all():
+        return None
+    data = base64.b64encode(v.tobytes()).decode("ascii")
+    return {"dtype": "float16", "dim": int(v.size), "model_version": model_version, "data": data}
+
+
+def decode_embedding(entry: Any) -> Optional[np.ndarray]:
+    """The float32 vector of :func:`encode_embedding`'s JSON; None when absent or malformed."""
+    if not isinstance(entry, Mapping) or entry.get("dtype") != "float16" or not isinstance(entry.get("data"), str):
+        return None
+    try:
+        v = np.frombuffer(base64.b64decode(entry["data"], validate=True), dtype="<f2").astype(np.float32)
+    except (ValueError, TypeError):
+        return None
+    if v.size == 0 or v.size != entry.get("dim") or not np.isfinite(v).all():
+        return None
+    return v
 
 
 def store_policy_source(

@@ -39,7 +39,7 @@ COMMANDS: dict[str, Command] = {
     "tune": Command("tune.__main__", "search hyperparameters with Ray Tune (ASHA)"),
     "serve": Command("monitoring.serving", "deploy the Serve app, switch its model, show what it serves"),
     "monitor": Command("monitoring.actor", "start, inspect or stop the monitoring actor"),
-    "queue": Command("dataplane.annotation", "the annotation queue: list, export, import, simulate"),
+    "queue": Command("segloop.queue", "the annotation queue: list, export (selection strategies), import, simulate"),
     "versions": Command("dataplane.versions", "immutable dataset versions: list, show, create, diff, materialize"),
 }
 

@@ -5,8 +5,9 @@
 Local Ray (dashboard on 127.0.0.1), MLflow on ``<data-dir>/mlflow.db``, the object store in
 ``<data-dir>/store``. Steps: generate data -> dataset version -> train v1 (Ray Train) ->
 serve v1 -> normal traffic -> shifted traffic -> the monitoring actor's alert fires and
-switches capture on -> a simulated annotator labels the most uncertain captures from the
-generator's ground truth -> new dataset version -> the actor submits retraining as a Ray
+switches capture on -> the annotation queue picks a batch (a selection strategy over
+uncertainty and embeddings) and a simulated annotator labels it from the generator's ground
+truth -> new dataset version -> the actor submits retraining as a Ray
 job -> v2 is compared with v1 on the same held-out data and promoted -> Serve follows the
 alias -> confidence on shifted traffic recovers. Ends with a summary table and the URLs.
 """
@@ -23,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dataplane.annotation.selection import DEFAULT_STRATEGY, STRATEGIES
 
 MODEL = "segloop-pets"
 APP = "segloop"
@@ -96,7 +99,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=160, help="default-style training images")
     p.add_argument("--shift-n", type=int, default=160, help="shifted-style images used as traffic")
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--annotate", type=int, default=48, help="top-entropy captures sent to the annotator")
+    p.add_argument("--annotate", type=int, default=48, help="captures sent to the (simulated) annotator")
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=DEFAULT_STRATEGY,
+        help="how the annotation queue picks them (bench/label_efficiency.py measures the choices)",
+    )
     p.add_argument("--timeout", type=float, default=900, help="give up waiting for the retraining after this")
     p.add_argument(
         "--cluster",
@@ -314,19 +323,27 @@ def step_collect(d: Demo, shift_imgs: list[Path]) -> None:
 
 
 def step_annotate(d: Demo) -> None:
+    import random
+
     from dataplane.annotation import import_annotations, simulate_annotation, truth_from_dataset
+    from dataplane.annotation.selection import SelectionSpec, select_captures
     from dataplane.versions import latest_version
 
-    n = d.args.annotate
+    spec = SelectionSpec(strategy=d.args.strategy, budget=d.args.annotate)
     say(
         "9. annotate and version",
-        f"a simulated annotator labels the top {n} captures (ground truth from the generator); 16 more go to the held-out split",
+        f"the annotation queue picks {spec.budget} captures by {spec.strategy} ({spec.score}, embeddings of the "
+        "serving model); a simulated annotator labels them (ground truth from the generator); 16 others, at "
+        "random, go to the held-out split",
     )
     truth = truth_from_dataset(d.shifted)
     unique = unique_captures(d.store)
-    test_dir = simulate_annotation(d.store, unique[n : n + 16], truth, d.data / "annot_test")
+    chosen = select_captures(unique, spec)
+    picked = {r.id for r in chosen.records}
+    held_out = random.Random(0).sample([c for c in unique if c.id not in picked], 16)
+    test_dir = simulate_annotation(d.store, held_out, truth, d.data / "annot_test")
     v_test = import_annotations(d.store, "pets", d.v0.version, test_dir, split="test")
-    train_dir = simulate_annotation(d.store, unique[:n], truth, d.data / "annot_train")
+    train_dir = simulate_annotation(d.store, chosen.records, truth, d.data / "annot_train")
     v_new = import_annotations(d.store, "pets", v_test.version, train_dir, split="trainval")
     print(
         f"pets@{v_new.version} (parent {v_new.parent}): {sum(len(s) for s in v_new.splits.values())} samples; "

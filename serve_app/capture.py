@@ -25,6 +25,11 @@ that :func:`write_policy` writes, so one write reaches every replica without a r
   entropies are strictly higher. While fewer than ``window`` predictions have been seen the
   decision uses the ones seen so far.
 
+Beside the uncertain tail, ``random_fraction`` keeps that share of the rest at random (the
+record says ``selected_by: random``): selection at export needs some of the ordinary traffic
+too. The writer thread drops exact (sha256) and near (embedding cosine >=
+``near_duplicate_cosine``) copies of this replica's recent captures (counted ``duplicate``).
+
 Store layout of one capture (keys from :func:`dataplane.store.capture_keys`; written in this order,
 so a listed ``.json`` always has its image)::
 
@@ -42,6 +47,7 @@ from __future__ import annotations
 import collections
 import datetime as _dt
 import functools
+import hashlib
 import logging
 import math
 import queue
@@ -51,6 +57,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
+
+import numpy as np
 
 from dataplane.capture import (
     CapturePolicy,
@@ -66,7 +74,7 @@ from segloop.errors import ConfigError
 
 logger = logging.getLogger("ray.serve")
 
-STATUSES = ("stored", "dropped", "skipped", "over_budget")
+STATUSES = ("stored", "dropped", "skipped", "over_budget", "duplicate")
 
 
 # ----------------------------------------------------------------------------- policy
@@ -94,21 +102,75 @@ class PolicyState:
 
     def should_capture(self, entropy: Any) -> bool:
         """Decide for one prediction (and record its entropy). Missing/NaN entropy: only ``all``."""
+        return self.decide(entropy) is not None
+
+    def decide(self, entropy: Any) -> Optional[str]:
+        """``"policy"`` when the mode selects this prediction, ``"random"`` when the policy's
+        random share does, else None (the entropy is recorded either way)."""
         e = finite_or_none(entropy)
         with self._lock:
             p = self.policy
             if e is not None:
                 self._recent.append(e)
             if p.mode == "all":
-                return True
-            if p.mode == "off" or e is None:
-                return False
-            if p.mode == "entropy":
-                return e >= p.threshold
-            n = len(self._recent)
-            k = math.ceil(p.fraction * n - 1e-9)
-            higher = sum(1 for x in self._recent if x > e)
-            return higher < k
+                return "policy"
+            if p.mode == "off":
+                return None
+            if e is not None and self._selects(p, e):
+                return "policy"
+        return "random" if p.random_fraction > 0 and random.random() < p.random_fraction else None
+
+    def _selects(self, p: CapturePolicy, e: float) -> bool:
+        if p.mode == "entropy":
+            return e >= p.threshold
+        n = len(self._recent)
+        k = math.ceil(p.fraction * n - 1e-9)
+        higher = sum(1 for x in self._recent if x > e)
+        return higher < k
+
+
+class RecentCaptures:
+    """What this replica captured lately (image sha256 and embedding), to drop duplicates.
+
+    A client that retries, a camera that sends the same frame, a re-encoded copy: annotating
+    them twice buys nothing. Exact copies are found by sha256, near ones by the cosine of
+    their embeddings (L2-normalised, so a dot product). Bounded: the last ``size`` captures.
+    Used by the writer thread only.
+    """
+
+    def __init__(self, size: int = 2048) -> None:
+        self._shas: collections.deque[str] = collections.deque(maxlen=size)
+        self._vectors: Optional[np.ndarray] = None
+        self._next = 0
+        self._filled = 0
+        self._size = size
+
+    def is_duplicate(self, sha256: str, embedding: Any, cosine: float) -> bool:
+        if sha256 in self._shas:
+            return True
+        v = _unit_vector(embedding)
+        if v is None or cosine >= 1.0 or self._vectors is None or self._vectors.shape[1] != v.size:
+            return False
+        return bool((self._vectors[: self._filled] @ v).max(initial=-1.0) >= cosine)
+
+    def add(self, sha256: str, embedding: Any) -> None:
+        self._shas.append(sha256)
+        v = _unit_vector(embedding)
+        if v is None:
+            return
+        if self._vectors is None or self._vectors.shape[1] != v.size:  # first one, or another model
+            self._vectors, self._next, self._filled = np.zeros((self._size, v.size), np.float32), 0, 0
+        self._vectors[self._next] = v
+        self._next = (self._next + 1) % self._size
+        self._filled = min(self._filled + 1, self._size)
+
+
+def _unit_vector(embedding: Any) -> Optional[np.ndarray]:
+    if embedding is None:
+        return None
+    v = np.asarray(embedding, dtype=np.float32).reshape(-1)
+    n = float(np.linalg.norm(v))
+    return v / n if v.size and np.isfinite(n) and n > 0 else None
 
 
 # ----------------------------------------------------------------------------- policy in the store
@@ -139,7 +201,8 @@ def ray_capture_metrics() -> RayCaptureMetrics:
     return RayCaptureMetrics(
         captures=Counter(
             "segloop_captures",
-            description="Production samples offered for capture, by status (stored|dropped|skipped|over_budget).",
+            description="Production samples offered for capture, by status "
+            "(stored|dropped|skipped|over_budget|duplicate).",
             tag_keys=("status",),
         ),
         queue=Gauge("segloop_capture_queue", description="Captured samples waiting to be written to the object store."),
@@ -208,6 +271,7 @@ class Capturer:
         self._policy_source = policy_source
         self._policy_poll_s = float(policy_poll_s)
         self._budget = budget
+        self._recent = RecentCaptures()
         self._store: Optional[ObjectStore] = None
         self._counts = {s: 0 for s in STATUSES}
         self._errors = 0
@@ -243,7 +307,8 @@ class Capturer:
         reserved = 0
         try:
             record = record if isinstance(record, Mapping) else {}
-            if not self._state.should_capture(record.get("entropy")):
+            selected_by = self._state.decide(record.get("entropy"))
+            if selected_by is None:
                 self._count("skipped")
                 return False
             if self._closed or not isinstance(image_bytes, (bytes, bytearray, memoryview)) or not image_bytes:
@@ -255,7 +320,8 @@ class Capturer:
                 reserved = len(image_bytes)
                 self._queued_bytes += reserved
             when = _dt.datetime.now(_dt.UTC)
-            item = _Item(new_capture_id(when), when, bytes(image_bytes), content_type, dict(record), self._state.policy)
+            record = {**record, "selected_by": selected_by}
+            item = _Item(new_capture_id(when), when, bytes(image_bytes), content_type, record, self._state.policy)
             self._queue.put_nowait(item)
         except Exception as err:  # noqa: BLE001 - capture must never fail a prediction
             if reserved:
@@ -376,8 +442,20 @@ class Capturer:
             self._count("dropped")
         return False
 
+    def _duplicate(self, item: _Item) -> bool:
+        """An exact or near copy of a recent capture of this replica (counted ``duplicate``)."""
+        if not item.policy.drop_duplicates:
+            return False
+        sha = hashlib.sha256(item.image).hexdigest()
+        embedding = item.record.get("embedding")
+        if self._recent.is_duplicate(sha, embedding, item.policy.near_duplicate_cosine):
+            self._count("duplicate")
+            return True
+        self._recent.add(sha, embedding)
+        return False
+
     def _write(self, item: _Item) -> None:
-        if not self._within_budget(item):
+        if self._duplicate(item) or not self._within_budget(item):
             return
         try:
             meta, objects, json_key = build_metadata(

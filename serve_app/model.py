@@ -15,7 +15,8 @@ Model switching never fails a request:
   replica re-resolves the alias on that period and swaps the same way, so moving the
   ``champion`` alias in MLflow is all a promotion or rollback has to do.
 
-The capture hook for active learning is :meth:`SegModel._capture`: it offers each answered\nimage to the replica's :class:`serve_app.capture.Capturer` (bounded queue, never blocks).
+The capture hook for active learning is :meth:`SegModel._capture`: it offers each answered
+image, with its uncertainty statistics and embedding (:func:`capture_signals`), to the replica's :class:`serve_app.capture.Capturer` (bounded queue, never blocks).
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ from ray import serve
 from serve_app.config import ModelSettings
 from serve_app.imaging import ImageLimits, ImageRejected, decode_image
 from serve_app.metrics import model_metrics
-from serve_app.postprocess import encode_png, instance_fields, instance_label_mask, semantic_fields
+from serve_app.postprocess import (
+    encode_png,
+    instance_fields,
+    instance_label_mask,
+    semantic_fields,
+)
 from train.model_ref import parse_model_uri
+from train.uncertainty import instance_mask_entropies, instance_uncertainty, semantic_uncertainty
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,6 +81,9 @@ def resolve_registry_version(settings: ModelSettings) -> str:
     return resolve(name, ref, settings.mlflow_tracking_uri)
 
 
+CAPTURE_KEY = "_capture"  # per-image capture signals: taken off the result before it is answered
+
+
 def _response_fields(predictor: Any, out: Any, image: np.ndarray, png: bool, score_threshold: float) -> dict:
     """One prediction as the JSON fields of ``/predict`` (plus the mask PNG when asked for)."""
     names = predictor.meta.class_names
@@ -89,29 +99,50 @@ def _response_fields(predictor: Any, out: Any, image: np.ndarray, png: bool, sco
     return fields
 
 
+def capture_signals(predictor: Any, out: Any, score_threshold: float) -> dict[str, Any]:
+    """What a capture records beyond the response: uncertainty statistics and the embedding
+    (:mod:`train.uncertainty`), from the same forward pass."""
+    if predictor.meta.task == "semantic":
+        stats = semantic_uncertainty(out.probs)
+    else:
+        keep, mask_entropy = instance_mask_entropies(out.scores, out.masks, out.boxes, score_threshold, out.image_size)
+        stats = instance_uncertainty(out.scores[keep], mask_entropy, out.labels[keep])
+    return {"uncertainty": stats, "embedding": out.embedding}
+
+
 def run_batch(
-    predictor: Any, images: list[np.ndarray], want_png: list[bool] | None = None, score_threshold: float = 0.05
+    predictor: Any,
+    images: list[np.ndarray],
+    want_png: list[bool] | None = None,
+    score_threshold: float = 0.05,
+    capture: bool = False,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Predict a batch of RGB uint8 images; returns (per-image response fields, forward seconds)."""
+    """Predict a batch of RGB uint8 images; returns (per-image response fields, forward seconds).
+
+    ``capture``: each result also holds :data:`CAPTURE_KEY` (:func:`capture_signals`), which the
+    caller takes off before answering.
+    """
     want_png = want_png or [False] * len(images)
     outs, forward_s = predictor.predict(images, score_threshold)
     model = {"name": predictor.name, "version": predictor.version, "uri": predictor.uri}
     results = []
     for out, img, png in zip(outs, images, want_png):
         fields = _response_fields(predictor, out, img, png, score_threshold)
+        if capture:
+            fields[CAPTURE_KEY] = capture_signals(predictor, out, score_threshold)
         results.append({**fields, "model": model, "model_version": predictor.version})
     return results, forward_s
 
 
 def run_isolated(
-    predictor: Any, images: list[np.ndarray], want_png: list[bool], score_threshold: float
+    predictor: Any, images: list[np.ndarray], want_png: list[bool], score_threshold: float, capture: bool = False
 ) -> tuple[list[dict[str, Any]], float]:
     """:func:`run_batch`; if the batch fails, each image alone, so a bad image fails only itself.
 
     An image that fails on its own gets an error dict (``reason: internal``) in its slot.
     """
     try:
-        return run_batch(predictor, images, want_png, score_threshold)
+        return run_batch(predictor, images, want_png, score_threshold, capture)
     except Exception as err:  # noqa: BLE001 - find the culprit below
         if len(images) == 1:
             raise
@@ -122,7 +153,7 @@ def run_isolated(
     forward_s = 0.0
     for image, png in zip(images, want_png):
         try:
-            (result,), seconds = run_batch(predictor, [image], [png], score_threshold)
+            (result,), seconds = run_batch(predictor, [image], [png], score_threshold, capture)
         except Exception as err:  # noqa: BLE001 - this image's own failure
             logger.exception("prediction failed for a %dx%d image", image.shape[1], image.shape[0])
             result, seconds = _failed(err), 0.0
@@ -274,13 +305,14 @@ class SegModel:
         if "reason" in result:
             return result
         result["timings_ms"]["decode"] = round(decode_s * 1000, 3)
-        self._capture(body, result)
+        signals = result.pop(CAPTURE_KEY, None)  # capture metadata only, never the response
+        self._capture(body, result, signals)
         return result
 
-    def _capture(self, image_bytes: bytes, result: dict[str, Any]) -> None:
+    def _capture(self, image_bytes: bytes, result: dict[str, Any], signals: dict[str, Any] | None) -> None:
         """Active-learning capture: never blocks or raises (bounded queue, background writer)."""
         if self._capturer is not None:
-            self._capturer.offer(image_bytes, None, result)
+            self._capturer.offer(image_bytes, None, {**result, **(signals or {})})
 
     def __del__(self) -> None:
         if getattr(self, "_capturer", None) is not None:
@@ -293,7 +325,8 @@ class SegModel:
             raise RuntimeError("no model loaded")
         threshold = self._settings.score_threshold if self._settings else 0.05
         t0 = time.perf_counter()
-        results, forward_s = await asyncio.to_thread(run_isolated, lm, list(images), list(want_png), threshold)
+        capture = self._capturer is not None
+        results, forward_s = await asyncio.to_thread(run_isolated, lm, list(images), list(want_png), threshold, capture)
         total_s = time.perf_counter() - t0
         self._metrics.batch(lm.version, len(images), forward_s)
         for r in results:

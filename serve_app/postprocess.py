@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from train.uncertainty import binary_entropy, instance_mask_entropies
+
 _EPS = 1e-12
 
 
@@ -68,19 +70,6 @@ def pixel_confidence_entropy(probs: np.ndarray) -> tuple[float, float]:
     return _unit(confidence), _unit(float(entropy.mean()))
 
 
-def binary_entropy(p: Any) -> np.ndarray:
-    """Binary entropy in bits (so 1 at p = 0.5, 0 at p in {0, 1}), elementwise."""
-    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
-    return -(p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))
-
-
-def _box_region(box: Sequence[float], h: int, w: int) -> tuple[slice, slice]:
-    x0, y0, x1, y1 = (float(v) for v in box)
-    c0, r0 = int(np.clip(np.floor(x0), 0, w - 1)), int(np.clip(np.floor(y0), 0, h - 1))
-    c1, r1 = int(np.clip(np.ceil(x1), c0 + 1, w)), int(np.clip(np.ceil(y1), r0 + 1, h))
-    return slice(r0, r1), slice(c0, c1)
-
-
 def instance_confidence_entropy(
     scores: np.ndarray,
     masks: np.ndarray,
@@ -94,19 +83,10 @@ def instance_confidence_entropy(
     ``boxes`` [N, 4] xyxy in ``image_size`` coordinates (the mask grid's when None).
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    masks = mask_probabilities(masks)
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    keep = np.flatnonzero(scores >= score_threshold)
+    keep, mask_entropy = instance_mask_entropies(scores, masks, boxes, score_threshold, image_size)
     if keep.size == 0:
         return 0.0, 1.0
-    h, w = masks.shape[-2:]
-    if image_size is not None and tuple(image_size) != (h, w):
-        boxes = boxes * np.array([w / image_size[1], h / image_size[0]] * 2)
-    per_instance = []
-    for i in keep:
-        rows, cols = _box_region(boxes[i], h, w)
-        mask_entropy = float(binary_entropy(masks[i][rows, cols]).mean())
-        per_instance.append(0.5 * mask_entropy + 0.5 * float(binary_entropy(scores[i])))
+    per_instance = 0.5 * np.asarray(mask_entropy) + 0.5 * binary_entropy(scores[keep])
     return _unit(float(scores[keep].mean())), _unit(float(np.mean(per_instance)))
 
 

@@ -25,6 +25,9 @@ except ImportError:  # tests/ on sys.path instead of the repo root
 
 CLASSES = ("background", "pet", "border")
 
+# Capture everything, copies included: the writer tests offer the same image more than once.
+ALL = {"mode": "all", "drop_duplicates": False}
+
 
 def jpeg(seed: int = 0, size: int = 32) -> bytes:
     arr = np.random.default_rng(seed).integers(0, 255, (size, size + 8, 3), dtype=np.uint8)
@@ -161,13 +164,13 @@ def test_invalid_policy_is_a_config_error():
 
 
 def test_capturer_writes_image_mask_and_metadata(store):
-    image, image2 = jpeg(1), jpeg(2)
+    image, image2, image3 = jpeg(1), jpeg(2), jpeg(3)
     sink = Sink()
     with Capturer(store, {"mode": "entropy", "threshold": 0.5}, metrics=sink) as cap:
         assert cap.offer(image, "image/jpeg", semantic_record(0.8))
         assert not cap.offer(image, "image/jpeg", semantic_record(0.2))  # below threshold: skipped
         assert cap.offer(image2, None, semantic_record(0.9, png_bytes=True))  # mask as raw PNG bytes
-        assert cap.offer(image, None, instance_record(0.7))
+        assert cap.offer(image3, None, instance_record(0.7))
         assert cap.flush(20)
         stats = cap.stats()
     assert (stats["stored"], stats["skipped"], stats["dropped"], stats["queued"]) == (3, 1, 0, 0)
@@ -214,7 +217,7 @@ def test_offer_never_raises_and_queue_full_is_counted(tmp_path):
             super().put_bytes(key, data, content_type)
 
     sink = Sink()
-    cap = Capturer(SlowStore(tmp_path / "s"), "all", queue_size=2, metrics=sink)
+    cap = Capturer(SlowStore(tmp_path / "s"), ALL, queue_size=2, metrics=sink)
     try:
         assert cap.offer(jpeg(), None, semantic_record(0.5))
         deadline = time.monotonic() + 5
@@ -242,7 +245,7 @@ def test_offer_never_raises_and_queue_full_is_counted(tmp_path):
     assert cap.stats()["dropped"] == 12
 
     # A broken metrics backend and a record that cannot be described do not break anything.
-    with Capturer(LocalStore(tmp_path / "t"), "all", metrics=Sink(fail=True)) as cap:
+    with Capturer(LocalStore(tmp_path / "t"), ALL, metrics=Sink(fail=True)) as cap:
         assert cap.offer(jpeg(), None, {"entropy": 0.3, "task": "semantic", "mask_png_base64": "!!not base64"})
         assert cap.offer(jpeg(), None, semantic_record(0.3))
         assert cap.flush(10)
@@ -258,7 +261,7 @@ def test_queue_is_bounded_in_bytes(tmp_path):
             super().put_bytes(key, data, content_type)
 
     big = jpeg(0, size=64)
-    cap = Capturer(SlowStore(tmp_path / "s"), "all", queue_size=100, max_queue_bytes=int(len(big) * 2.5))
+    cap = Capturer(SlowStore(tmp_path / "s"), ALL, queue_size=100, max_queue_bytes=int(len(big) * 2.5))
     try:
         results = [cap.offer(big, None, semantic_record(0.5)) for _ in range(6)]
         # The writer may already hold the first one (no longer counted); at most 2-3 wait in memory.
@@ -283,7 +286,7 @@ def test_store_errors_are_retried_then_dropped_and_capture_resumes(tmp_path):
             super().put_bytes(key, data, content_type)
 
     store = FlakyStore(tmp_path / "s")
-    with Capturer(store, "all", max_retries=2, backoff_s=0.01, max_backoff_s=0.02) as cap:
+    with Capturer(store, ALL, max_retries=2, backoff_s=0.01, max_backoff_s=0.02) as cap:
         cap.offer(jpeg(), None, semantic_record(0.5))
         assert cap.flush(10)
         s = cap.stats()
@@ -300,7 +303,7 @@ def test_s3_outage_keeps_offer_fast_counts_drops_and_resumes():
     try:
         store = make_s3_store(srv, timeout=2.0)
         sink = Sink()
-        cap = Capturer(store, "all", queue_size=4, max_retries=1, backoff_s=0.05, max_backoff_s=0.1, metrics=sink)
+        cap = Capturer(store, ALL, queue_size=4, max_retries=1, backoff_s=0.05, max_backoff_s=0.1, metrics=sink)
         for i in range(3):
             cap.offer(jpeg(i), None, semantic_record(0.5))
         assert cap.flush(20) and cap.stats()["stored"] == 3
@@ -340,20 +343,20 @@ def test_s3_outage_keeps_offer_fast_counts_drops_and_resumes():
 
 
 def test_capturer_from_store_config(tmp_path, s3_server, monkeypatch):
-    with Capturer({"kind": "local", "root": str(tmp_path / "cfg-store")}, "all") as cap:
+    with Capturer({"kind": "local", "root": str(tmp_path / "cfg-store")}, ALL) as cap:
         cap.offer(jpeg(), None, semantic_record(0.5))
         assert cap.flush(10) and cap.stats()["stored"] == 1
     assert any(k.endswith(".json") for k in LocalStore(tmp_path / "cfg-store").list("captures/"))
 
     with pytest.raises(ConfigError):
-        Capturer({"kind": "s3"}, "all")  # no endpoint/bucket
+        Capturer({"kind": "s3"}, ALL)  # no endpoint/bucket
     with pytest.raises(ConfigError, match="credentials"):
-        Capturer({"kind": "s3", "endpoint": s3_server.endpoint, "bucket": "b", "secret_key": "x"}, "all")
+        Capturer({"kind": "s3", "endpoint": s3_server.endpoint, "bucket": "b", "secret_key": "x"}, ALL)
 
     monkeypatch.setenv("SEGLOOP_S3_ACCESS_KEY", s3_server.access_key)
     monkeypatch.setenv("SEGLOOP_S3_SECRET_KEY", s3_server.secret_key)
     bucket = f"capture-cfg-{time.monotonic_ns() % 10**9}"
-    with Capturer({"kind": "s3", "endpoint": s3_server.endpoint, "bucket": bucket}, "all") as cap:
+    with Capturer({"kind": "s3", "endpoint": s3_server.endpoint, "bucket": bucket}, ALL) as cap:
         cap.offer(jpeg(), None, semantic_record(0.5))
         assert cap.flush(20) and cap.stats()["stored"] == 1
 
@@ -383,7 +386,7 @@ def test_mask_base64_and_unknown_format_are_handled(tmp_path):
     Image.new("RGB", (40, 32)).save(png, format="PNG")
     rec = semantic_record(0.5)
     assert base64.b64decode(rec["mask_png_base64"])[:4] == b"\x89PNG"
-    with Capturer(store, "all") as cap:
+    with Capturer(store, ALL) as cap:
         cap.offer(png.getvalue(), "application/octet-stream", rec)
         cap.offer(b"RIFF\x00\x00\x00\x00WEBPVP8 rest", None, rec)
         assert cap.flush(10)

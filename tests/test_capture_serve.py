@@ -98,6 +98,18 @@ def test_entropy_policy_captures_exactly_the_uncertain_images(setup) -> None:
         assert meta["model_version"] == sent[0]["model_version"]
         assert store.exists(meta["image_key"]) and meta["preannotation"]["kind"] == "mask_png"
         assert store.get_bytes(meta["image_key"])[:3] == b"\xff\xd8\xff"  # the original JPEG bytes
+        # what selection reads, from the same forward pass: statistics and the pooled backbone embedding
+        assert set(meta["uncertainty"]) == {"entropy", "class_balanced_entropy", "top_entropy", "margin"}
+        assert meta["uncertainty"]["entropy"] == pytest.approx(meta["entropy"], abs=1e-4)
+        assert meta["embedding"]["dtype"] == "float16" and meta["embedding"]["dim"] > 0
+        assert meta["embedding"]["model_version"] == meta["model_version"] and meta["selected_by"] == "policy"
+    for body in sent.values():  # capture signals never reach the client
+        assert not {"_capture", "embedding", "uncertainty"} & set(body)
+    # The same image again is selected by the policy but not stored twice.
+    assert requests.post(url + "/predict", data=image_bytes(above[0]), timeout=60).status_code == 200
+    info = lambda: requests.get(url + "/model", timeout=30).json()["capture"]  # noqa: E731
+    assert _wait(lambda: info()["duplicate"] == 1), info()
+    assert len(_captures(store)) == len(above)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -531,3 +532,32 @@ def test_cli_reports_dataset_errors_without_traceback(tmp_path):
     assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
     r = _cli("check", "--task", "semantic", "--root", str(tmp_path), "--split", "trainval")
     assert r.returncode == 1 and "trainval.txt does not exist" in r.stderr
+
+
+def test_pet_mixes_balanced_and_production_like(tmp_path: Path) -> None:
+    """``balanced`` covers every texture family x breed equally; ``production`` is a redundant stream:
+    two common sub-styles of near-copies (same trimap, different pixels), the rest rare; both reproducible."""
+    from train.data.synth import read_meta
+
+    root = generate_pets(tmp_path / "b", n=16, seed=1, size=48, shift=True, test_fraction=0, mix="balanced")
+    meta = read_meta(root)["samples"]
+    assert Counter((s["family"], s["breed"]) for s in meta.values()) == {
+        (f, b): 2 for f in ("checker", "blotches") for b in range(4)
+    }
+    root = generate_pets(tmp_path / "p", n=40, seed=2, size=48, shift=True, test_fraction=0, mix="production")
+    meta = read_meta(root)["samples"]
+    styles = Counter((s["family"], s["breed"]) for s in meta.values())
+    assert sum(n for _, n in styles.most_common(2)) == 34 and len(styles) == 8  # 85 % common, every style seen
+    copies = [name for name, s in meta.items() if s["seed"] == meta[next(iter(meta))]["seed"]]
+    assert len(copies) == 4
+    a, b = (np.asarray(Image.open(root / "images" / f"{n}.jpg"), dtype=np.float32) for n in copies[:2])
+    assert 0 < np.abs(a - b).mean() < 20  # near-copies: not the same bytes, nearly the same picture
+    trimaps = [np.asarray(Image.open(root / "annotations" / "trimaps" / f"{n}.png")) for n in copies]
+    assert all(np.array_equal(trimaps[0], t) for t in trimaps)
+    image, trimap = reproduce_sample(root, copies[1])
+    assert np.array_equal(trimap, trimaps[1])
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=92)  # the generator's encoding
+    assert buf.getvalue() == (root / "images" / f"{copies[1]}.jpg").read_bytes()
+    with pytest.raises(ConfigError, match="mix must be one of"):
+        generate_pets(tmp_path / "x", n=4, mix="skewed")

@@ -274,7 +274,8 @@ def test_traffic_above_the_capture_budget_stops_at_the_budget_across_replicas(ra
 
     store = {"kind": "local", "root": str(tmp_path / "store")}
     image, record = jpeg(), semantic_record(0.9)
-    replicas = [Capturer(store, {"mode": "all"}, budget=budget_gate({"objects_per_day": 7}, store)) for _ in range(2)]
+    policy = {"mode": "all", "drop_duplicates": False}  # one image offered 20 times, every copy counts
+    replicas = [Capturer(store, policy, budget=budget_gate({"objects_per_day": 7}, store)) for _ in range(2)]
     try:
         offered = [c.offer(image, "image/png", record) for _ in range(10) for c in replicas]
         assert all(offered)  # the request path is not affected: every prediction was answered and queued

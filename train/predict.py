@@ -27,6 +27,7 @@ from train.metrics.semantic import class_indices
 from train.model_ref import ModelMeta, parse_model_uri
 from train.models import build_model, model_task
 from train.transforms import eval_transforms
+from train.uncertainty import pooled_embedding
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class SemanticOutput:
 
     mask: np.ndarray  # [H, W] uint8
     probs: np.ndarray  # [C, h, w] float32
+    embedding: Optional[np.ndarray] = None  # [D] float16, L2-normalised pooled backbone features
 
 
 @dataclass
@@ -62,6 +64,7 @@ class InstanceOutput:
     scores: np.ndarray  # [N] float32
     masks: np.ndarray  # [N, h, w] uint8, probability x 255 on the mask grid
     image_size: tuple[int, int] = (0, 0)  # (H, W) of the input
+    embedding: Optional[np.ndarray] = None  # [D] float16, L2-normalised pooled backbone features
 
 
 Output = Union[SemanticOutput, InstanceOutput]
@@ -118,6 +121,30 @@ def _checkpoint_meta(path: str, hints: CheckpointHints) -> ModelMeta:
         image_size=int(image_size),
         model_kwargs=dict(hints.model_kwargs or cfg.get("model_kwargs") or {}),
     )
+
+
+def backbone_of(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The feature extractor of a torchvision segmentation model or detector (None if it has none)."""
+    inner = getattr(model, "model", model)  # SemanticModel wraps the torchvision model
+    backbone = getattr(inner, "backbone", None)
+    return backbone if isinstance(backbone, torch.nn.Module) else None
+
+
+@contextlib.contextmanager
+def capture_embeddings(model: torch.nn.Module, into: list[np.ndarray]) -> Any:
+    """While inside, every backbone forward appends its [B, D] pooled embedding to ``into``.
+
+    The embedding comes from the forward pass that predicts (a hook, no second pass).
+    """
+    backbone = backbone_of(model)
+    if backbone is None:
+        yield
+        return
+    handle = backbone.register_forward_hook(lambda _m, _i, out: into.append(pooled_embedding(out)))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _chw(img: np.ndarray) -> torch.Tensor:
@@ -234,13 +261,15 @@ class Predictor:
         x = torch.stack(xs).to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
+        embedded: list[np.ndarray] = []
+        with self._autocast(), capture_embeddings(self.model, embedded):
             logits = self.model(x).float()
         probs = logits.softmax(1).cpu().numpy()
+        emb = embedded[0] if embedded else [None] * len(images)
         outs: list[Output] = []
         for i, img in enumerate(images):  # one at a time: full-size logits of a batch can be large
             up = F.interpolate(logits[i : i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
-            outs.append(SemanticOutput(class_indices(up)[0].to(torch.uint8).cpu().numpy(), probs[i]))
+            outs.append(SemanticOutput(class_indices(up)[0].to(torch.uint8).cpu().numpy(), probs[i], emb[i]))
         return outs, time.perf_counter() - t0
 
     @torch.inference_mode()
@@ -257,10 +286,13 @@ class Predictor:
             step = _images_per_forward(self.model, shape)  # caps the model's float32 masks per forward
             for k in range(0, len(idx), step):
                 chunk = idx[k : k + step]
-                with self._autocast():
+                embedded: list[np.ndarray] = []
+                with self._autocast(), capture_embeddings(self.model, embedded):
                     raw = self.model([xs[i].to(self.device, non_blocking=True) for i in chunk])
-                for i, o in zip(chunk, raw):
+                emb = embedded[0] if embedded else [None] * len(chunk)
+                for j, (i, o) in enumerate(zip(chunk, raw)):
                     outs[i] = _instance_output(o, score_threshold, images[i].shape[:2])
+                    outs[i].embedding = emb[j]
         return outs, time.perf_counter() - t0  # type: ignore[return-value]
 
 

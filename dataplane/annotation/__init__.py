@@ -4,7 +4,9 @@
 
 * ``list`` - captured samples sorted by entropy, highest first (ties: newest first), filtered
   by model version, task and time range (:mod:`.records`);
-* ``export --top N --out DIR`` - the N most uncertain samples, with the model's predictions as
+* ``export --strategy S --budget N --out DIR`` - a batch chosen by a selection strategy
+  (:mod:`.selection`: random, top, power, kcenter, badge over the captures' uncertainty and
+  embeddings; ``--top N`` is the N most uncertain), with the model's predictions as
   pre-annotations so annotators correct rather than draw (:mod:`.exporter`);
 * ``import DATASET PATH`` - corrected annotations, every sample validated, all or nothing, into
   a new dataset version = parent + the new samples (:mod:`.importer`);

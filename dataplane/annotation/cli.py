@@ -1,4 +1,4 @@
-"""``segloop queue [--store URL] list|export|simulate|import`` (also ``python -m dataplane.annotation``;
+"""``segloop queue [--store URL] list|export|simulate|import|prune`` (also ``python -m dataplane.annotation``;
 store from ``--store``, else ``SEGLOOP_STORE``, else ``./.segloop/store``).
 
 Exit codes: 0 ok, 1 store failure, 2 bad input (flags, captures, annotations).
@@ -18,11 +18,17 @@ from dataplane.annotation.exporter import export
 from dataplane.annotation.formats import FORMATS, read_json
 from dataplane.annotation.importer import import_annotations
 from dataplane.annotation.records import get_capture, iso, list_captures
+from dataplane.annotation.selection import STRATEGIES, Rescorer, SelectionSpec
 from dataplane.annotation.simulate import simulate_annotation, truth_from_dataset
 from dataplane.store import ObjectStore
+from segloop.errors import ConfigError
 
 if TYPE_CHECKING:
     from dataplane.versions import Manifest
+
+RescorerFactory = Callable[[str, ObjectStore], tuple[Rescorer, str]]
+# the statistics a capture records (train.uncertainty; semantic and instance share these names)
+SCORE_KEYS = ("entropy", "class_balanced_entropy", "top_entropy", "margin", "max_instance_entropy")
 
 
 def _shared_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -59,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--json", action="store_true")
     p = sub.add_parser(
-        "export", parents=[common, filters], help="top-N samples with pre-annotations (Label Studio, COCO, trimaps)"
+        "export",
+        parents=[common, filters],
+        help="a batch chosen by a selection strategy, with pre-annotations (Label Studio, COCO, trimaps)",
     )
-    p.add_argument("--top", type=int, required=True)
+    _selection_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--image-url-prefix", default="images/", help="prefix of data.image in the Label Studio tasks")
     p = sub.add_parser(
@@ -87,6 +95,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than-days", type=float, required=True, help="keep every capture newer than this")
     p.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
     return parser
+
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    d = SelectionSpec()
+    p.add_argument("--budget", type=int, help="how many captures to send to annotators")
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=None,
+        help=f"how to choose them (default {d.strategy}; see `dataplane/annotation/selection.py`)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="random, power and badge draw with this seed")
+    p.add_argument("--beta", type=float, default=d.beta, help="power: P ∝ uncertainty^beta")
+    p.add_argument("--score", choices=SCORE_KEYS, default=None, help=f"the uncertainty used (default {d.score})")
+    p.add_argument(
+        "--dedupe-cosine",
+        type=float,
+        default=d.dedupe_cosine,
+        help="drop candidates this close to a more uncertain one",
+    )
+    p.add_argument(
+        "--rescore",
+        metavar="MODEL_URI",
+        help="re-score every capture with this model first (e.g. models:/NAME@champion)",
+    )
+    p.add_argument(
+        "--top", type=int, help="the N most uncertain by recorded entropy (= --strategy top --score entropy --budget N)"
+    )
+
+
+def _selection(args: argparse.Namespace) -> SelectionSpec:
+    if args.top is not None and (args.budget is not None or args.strategy not in (None, "top")):
+        raise ConfigError("--top N is --strategy top --budget N; give either --top or --budget/--strategy")
+    if args.top is None and args.budget is None:
+        raise ConfigError("export needs --budget N (how many captures to send to annotators), or --top N")
+    top = args.top is not None
+    spec = SelectionSpec(
+        strategy="top" if top else (args.strategy or SelectionSpec.strategy),
+        budget=args.top if top else args.budget,
+        seed=args.seed,
+        beta=args.beta,
+        score=args.score or ("entropy" if top else SelectionSpec.score),
+        dedupe_cosine=args.dedupe_cosine,
+    )
+    spec.check()
+    return spec
 
 
 def _exclude(store: ObjectStore, spec: Optional[str]) -> Optional[Manifest]:
@@ -121,23 +175,33 @@ def _cmd_list(store: ObjectStore, args: argparse.Namespace) -> None:
     print(f"{len(recs)} capture(s) in {store.describe()}", file=sys.stderr)
 
 
-def _cmd_export(store: ObjectStore, args: argparse.Namespace) -> None:
+def _cmd_export(store: ObjectStore, args: argparse.Namespace, rescorer_factory: Optional[RescorerFactory]) -> None:
+    spec = _selection(args)
+    rescore, rescored_with = None, None
+    if args.rescore:
+        if rescorer_factory is None:
+            raise ConfigError("--rescore needs the model code: run it as `segloop queue export ... --rescore URI`")
+        rescore, rescored_with = rescorer_factory(args.rescore, store)
     res = export(
         store,
         args.out,
-        top=args.top,
         task=args.task,
         since=args.since,
         until=args.until,
         model_version=args.model_version,
         exclude=_exclude(store, args.exclude_dataset),
         image_url_prefix=args.image_url_prefix,
+        selection=spec,
+        rescore=rescore,
+        rescored_with=rescored_with,
     )
     for prob in res.problems:
         print(f"warning: left out: {prob}", file=sys.stderr)
     print(
-        f"exported {len(res.records)} {res.task} sample(s) to {res.out_dir}: {res.label_studio.name}, "
-        f"{res.coco.name}" + (", trimaps/" if res.trimaps else "")
+        f"exported {len(res.records)} {res.task} sample(s) chosen by {spec.strategy} ({spec.score}"
+        + (f", re-scored with {rescored_with}" if rescored_with else "")
+        + f") to {res.out_dir}: {res.label_studio.name}, {res.coco.name}"
+        + (", trimaps/" if res.trimaps else "")
     )
 
 
@@ -180,19 +244,24 @@ def _cmd_prune(store: ObjectStore, args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, Callable[[ObjectStore, argparse.Namespace], None]] = {
     "list": _cmd_list,
-    "export": _cmd_export,
     "simulate": _cmd_simulate,
     "import": _cmd_import,
     "prune": _cmd_prune,
 }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point. Exit codes: 0 ok, 1 store failure, 2 bad input."""
+def main(argv: Optional[Sequence[str]] = None, rescorer_factory: Optional[RescorerFactory] = None) -> int:
+    """CLI entry point. Exit codes: 0 ok, 1 store failure, 2 bad input.
+
+    ``rescorer_factory(model_uri, store) -> (rescore, name)`` enables ``export --rescore``
+    (``segloop queue`` passes :func:`train.rescore.rescorer`).
+    """
     from dataplane.store import run_store_command
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.cmd == "export":
+        return run_store_command(getattr(args, "store", None), lambda store: _cmd_export(store, args, rescorer_factory))
     return run_store_command(getattr(args, "store", None), lambda store: COMMANDS[args.cmd](store, args))
 
 

@@ -1,12 +1,13 @@
-"""Export: the N most uncertain captures, with the model's predictions as pre-annotations
-so annotators correct rather than draw::
+"""Export: a batch of captures chosen by a selection strategy (:mod:`.selection`), with the
+model's predictions as pre-annotations so annotators correct rather than draw::
 
     DIR/images/<id>.<ext>               the captured image (EXIF orientation applied, as served)
     DIR/label_studio_tasks.json         Label Studio tasks; predictions as ``polygonlabels``
     DIR/label_studio_config.xml         the matching labelling config (PolygonLabels "label" on "image")
     DIR/coco_preannotations.json        COCO instances; the predicted masks as RLE annotations
     DIR/trimaps/<id>.png                semantic only: predicted Oxford trimaps (1 pet, 2 bg, 3 border)
-    DIR/export.json                     what was exported (ids, store keys, entropies)
+    DIR/export.json                     what was exported (ids, store keys, entropies) and, per
+                                        pick, its scores and why it was picked
 
 :func:`export` reads top to bottom: select, load every capture (a bad one is left out and
 reported, not fatal), write each format, then the index.
@@ -28,7 +29,8 @@ import numpy as np
 
 from dataplane.annotation import coco, labelstudio, trimaps
 from dataplane.annotation.images import CapturedImage, captured_image
-from dataplane.annotation.records import CaptureRecord, iso, list_captures
+from dataplane.annotation.records import CaptureRecord, iso, list_captures, sample_names
+from dataplane.annotation.selection import Rescorer, Selection, SelectionSpec, select_captures
 from dataplane.masks import decode_segmentation, read_label_png
 from dataplane.store import EXPORTS_PREFIX, ObjectNotFound, ObjectStore
 from segloop.errors import ConfigError, DatasetError
@@ -85,15 +87,32 @@ def export(
     exclude: Optional[Manifest] = None,
     records: Optional[Sequence[CaptureRecord]] = None,
     image_url_prefix: str = "images/",
+    selection: Optional[SelectionSpec] = None,
+    rescore: Optional[Rescorer] = None,
+    rescored_with: Optional[str] = None,
 ) -> ExportResult:
-    """Write the ``top`` most uncertain captures with pre-annotations for annotators (see module doc).
+    """Write a batch of captures with pre-annotations for annotators (see module doc).
 
-    ``records`` overrides the selection. All selected captures must share one task (pass
+    ``selection`` chooses the batch (:mod:`.selection`: strategy, budget, seed; ``rescore``
+    re-scores with the current model first); without it, the ``top`` most uncertain by the
+    recorded entropy. ``records`` overrides both. All selected captures must share one task (pass
     ``task`` to pick one when traffic mixes them). Captures that cannot be exported (image
     missing or modified, unreadable mask) are left out and listed in ``problems``.
     ``image_url_prefix`` prefixes ``data.image`` in the Label Studio tasks (e.g. a URL your
     Label Studio can fetch, or ``/data/local-files/?d=...``).
     """
+    chosen: Optional[Selection] = None
+    if records is None and selection is not None:
+        pool = list_captures(store, since, until, model_version, task=task)
+        done = sample_names(exclude) if exclude is not None else set()
+        candidates = [r for r in pool if r.id not in done]
+        if not candidates:
+            raise DatasetError(
+                f"no captures to select from in {store.describe()} (filters: task={task}, model_version={model_version})"
+            )
+        labelled = [r for r in pool if r.id in done]
+        chosen = select_captures(candidates, selection, labelled, rescore, rescored_with)
+        records = chosen.records
     if records is None:
         if not isinstance(top, int) or top < 1:
             raise ConfigError(f"--top must be a positive integer, got {top!r}")
@@ -120,7 +139,7 @@ def export(
     labelstudio.write_tasks(ls_path, items, task, labels, image_url_prefix)
     coco.write_preannotations(coco_path, items, task, coco.export_categories(task, class_names))
     (out / "label_studio_config.xml").write_text(labelstudio.label_studio_config(labels))
-    _write_index(out / "export.json", store, task, class_names, items, problems)
+    _write_index(out / "export.json", store, task, class_names, items, problems, chosen)
     return ExportResult(out, task, [item.rec for item in items], ls_path, coco_path, trimap_dir, problems)
 
 
@@ -206,6 +225,16 @@ def _predicted_labels(store: ObjectStore, rec: CaptureRecord, h: int, w: int) ->
     return labels
 
 
+def _why(chosen: Optional[Selection], capture_id: str) -> dict[str, Any]:
+    """``{"selection": {rank, uncertainty, reason, ...}}`` of one exported capture, if it was selected."""
+    if chosen is None:
+        return {}
+    for rec, pick in zip(chosen.records, chosen.picks):
+        if rec.id == capture_id:
+            return {"selection": pick.as_dict()}
+    return {}
+
+
 def _write_index(
     path: Path,
     store: ObjectStore,
@@ -213,6 +242,7 @@ def _write_index(
     class_names: list[str],
     items: Sequence[ExportItem],
     problems: list[str],
+    chosen: Optional[Selection] = None,
 ) -> None:
     index = {
         "format": EXPORT_FORMAT,
@@ -221,7 +251,8 @@ def _write_index(
         "class_names": class_names,
         "created": iso(_dt.datetime.now(_dt.UTC)),
         "problems": problems,
-        "captures": [dict(item.rec.summary(), file=item.file) for item in items],
+        "selection": chosen.index() if chosen is not None else {"strategy": "top", "score": "entropy"},
+        "captures": [dict(item.rec.summary(), file=item.file, **_why(chosen, item.rec.id)) for item in items],
     }
     path.write_text(json.dumps(index, indent=1))
     # the store keeps a record of what went to annotators: retention never deletes those captures

@@ -57,6 +57,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--shift", action="store_true", help="render in the shifted style (drift simulation)")
     s.add_argument(
+        "--mix",
+        choices=("random", "balanced", "production"),
+        default="random",
+        help="pets only: each image draws its texture family and breed (random), every combination in turn "
+        "(balanced), or a redundant stream: 2 common combinations make 85%% of it, each scene sent 4 times as "
+        "near-copies, the others rare (production)",
+    )
+    s.add_argument(
         "--val-fraction",
         type=_fraction,
         default=0.2,
@@ -82,7 +90,13 @@ def _synth(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.format is not None:
             parser.error("--format applies only to --task coco")
         out = generate_pets(
-            args.out, n=args.n, seed=args.seed, size=args.size, shift=args.shift, test_fraction=args.val_fraction
+            args.out,
+            n=args.n,
+            seed=args.seed,
+            size=args.size,
+            shift=args.shift,
+            test_fraction=args.val_fraction,
+            mix=args.mix,
         )
         splits = {}
         for split in ("trainval", "test"):
@@ -97,6 +111,8 @@ def _synth(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for split, k in splits.items():
             print(f"  {split + ':':9} {out / 'annotations' / (split + '.txt')} ({k} samples)")
     else:
+        if args.mix != "random":
+            parser.error("--mix applies only to --task pets")
         fmt = args.format or "coco"
         out = generate_coco(
             args.out,

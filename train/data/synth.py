@@ -134,10 +134,11 @@ def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> Image.Im
 # ----------------------------------------------------------------------------- pets
 
 
-def _pet_geometry(seed: int, size: int) -> tuple[np.ndarray, int]:
-    """Binary pet mask and breed index; depends only on the seed and size."""
+def _pet_geometry(seed: int, size: int, breed: int | None = None) -> tuple[np.ndarray, int]:
+    """Binary pet mask and breed index; depends only on the seed, size and ``breed`` (drawn if None)."""
     rng = np.random.default_rng([seed, 0])
-    breed = int(rng.integers(len(PET_BREEDS)))
+    drawn = int(rng.integers(len(PET_BREEDS)))
+    breed = drawn if breed is None else int(breed)
     cx, cy = rng.uniform(0.38, 0.62, 2) * size
     a = rng.uniform(0.18, 0.28) * size
     b = a * rng.uniform(0.75, 1.0)
@@ -176,7 +177,15 @@ def _pet_geometry(seed: int, size: int) -> tuple[np.ndarray, int]:
     return mask, breed
 
 
-def _pet_style(seed: int, size: int, mask: np.ndarray, shift: bool) -> Image.Image:
+DEFAULT_FAMILIES = ("noise", "stripes", "gradient")
+SHIFT_FAMILIES = ("checker", "blotches")
+
+
+def _pet_style(
+    seed: int, size: int, mask: np.ndarray, shift: bool, family: str | None = None, variant: int = 0
+) -> Image.Image:
+    """The image of a pet mask; ``family`` overrides the drawn texture family, ``variant`` > 0
+    renders a near-copy (another noise draw, brightness within 4 %: a re-sent frame)."""
     rng = np.random.default_rng([seed, 1])
     if not shift:  # cool, saturated backgrounds; warm, furry pets
         bg_h, pet_h = rng.uniform(0.25, 0.7), rng.uniform(-0.03, 0.12)
@@ -184,7 +193,7 @@ def _pet_style(seed: int, size: int, mask: np.ndarray, shift: bool) -> Image.Ima
         bg2 = _hsv(bg_h + rng.uniform(-0.1, 0.1), rng.uniform(0.2, 0.6), rng.uniform(0.3, 0.8))
         pet1 = _hsv(pet_h, rng.uniform(0.45, 0.9), rng.uniform(0.35, 0.95))
         pet2 = pet1 * rng.uniform(0.55, 0.8)
-        family = ("noise", "stripes", "gradient")[int(rng.integers(3))]
+        drawn = DEFAULT_FAMILIES[int(rng.integers(3))]
         noise = 0.02
     else:  # palette swapped (warm backgrounds, cool pets), other textures, low contrast
         bg_h, pet_h = rng.uniform(-0.05, 0.15), rng.uniform(0.5, 0.8)
@@ -193,8 +202,9 @@ def _pet_style(seed: int, size: int, mask: np.ndarray, shift: bool) -> Image.Ima
         bg2 = _hsv(bg_h + 0.05, rng.uniform(0.1, 0.35), v * rng.uniform(0.7, 0.95))
         pet1 = _hsv(pet_h, rng.uniform(0.2, 0.45), v * rng.uniform(0.85, 1.1))
         pet2 = pet1 * rng.uniform(0.75, 0.9)
-        family = ("checker", "blotches")[int(rng.integers(2))]
+        drawn = SHIFT_FAMILIES[int(rng.integers(2))]
         noise = 0.05
+    family = family or drawn
     bg = _texture(rng, size, bg1, bg2, family)
     fur = _smooth_noise(rng, size, int(rng.integers(6, 14)))
     pet = pet1 * (1 - fur) + pet2 * fur
@@ -204,36 +214,108 @@ def _pet_style(seed: int, size: int, mask: np.ndarray, shift: bool) -> Image.Ima
         )[..., None]
         / 255.0
     )
-    return _finish(bg * (1 - alpha) + pet * alpha, rng, noise)
+    img = bg * (1 - alpha) + pet * alpha
+    if variant:
+        rng = np.random.default_rng([seed, 2, variant])
+        img = img * rng.uniform(0.96, 1.04)
+    return _finish(img, rng, noise)
 
 
-def render_pet(seed: int, size: int = 128, shift: bool = False) -> tuple[Image.Image, np.ndarray]:
+def render_pet(
+    seed: int,
+    size: int = 128,
+    shift: bool = False,
+    breed: int | None = None,
+    family: str | None = None,
+    variant: int = 0,
+) -> tuple[Image.Image, np.ndarray]:
     """One pet image and its Oxford trimap (uint8 [H,W], values 1/2/3); pure function of its args."""
-    mask, _ = _pet_geometry(int(seed), int(size))
-    return _pet_style(int(seed), int(size), mask, bool(shift)), pet_trimap(mask)
+    mask, _ = _pet_geometry(int(seed), int(size), breed)
+    return _pet_style(int(seed), int(size), mask, bool(shift), family, int(variant)), pet_trimap(mask)
+
+
+MIXES = ("random", "balanced", "production")
+
+
+def pet_substyles(shift: bool) -> list[tuple[str, int]]:
+    """Every (texture family, breed index) of a style: the sub-styles a pool is made of."""
+    families = SHIFT_FAMILIES if shift else DEFAULT_FAMILIES
+    return [(f, b) for f in families for b in range(len(PET_BREEDS))]
+
+
+def _pet_plan(seed: int, n: int, shift: bool, mix: str, common: int, common_share: float, copies: int) -> list[dict]:
+    """Per image: its seed and, for ``balanced``/``production``, sub-style and variant.
+
+    ``balanced``: every sub-style in turn, all distinct. ``production``: what real traffic
+    looks like: ``common`` sub-styles (chosen by the seed) make ``common_share`` of the
+    images, each scene sent ``copies`` times (near-copies); the other sub-styles share the
+    rest, one image per scene, so some are rare.
+    """
+    seeds = _sample_seeds(seed, n)
+    if mix == "random":
+        return [{"seed": s} for s in seeds]
+    styles = pet_substyles(shift)
+    if mix == "balanced":
+        return [
+            {"seed": s, "family": styles[i % len(styles)][0], "breed": styles[i % len(styles)][1]}
+            for i, s in enumerate(seeds)
+        ]
+    order = [styles[i] for i in np.random.default_rng([seed, 3]).permutation(len(styles))]
+    head, tail = order[:common], order[common:]
+    n_common = min(n, int(round(n * common_share)))
+    plan = []
+    for i in range(n_common):
+        scene = i // copies
+        fam, breed = head[scene % len(head)]
+        plan.append({"seed": seeds[scene * copies], "family": fam, "breed": breed, "variant": i % copies})
+    for j, i in enumerate(range(n_common, n)):
+        fam, breed = tail[j % len(tail)] if tail else head[j % len(head)]
+        plan.append({"seed": seeds[i], "family": fam, "breed": breed, "variant": 0})
+    return plan
 
 
 def generate_pets(
-    out: str | Path, n: int = 200, seed: int = 0, size: int = 128, shift: bool = False, test_fraction: float = 0.2
+    out: str | Path,
+    n: int = 200,
+    seed: int = 0,
+    size: int = 128,
+    shift: bool = False,
+    test_fraction: float = 0.2,
+    mix: str = "random",
+    common: int = 2,
+    common_share: float = 0.85,
+    copies: int = 4,
 ) -> Path:
-    """Write ``n`` synthetic pets in the Oxford-IIIT Pet layout under ``out``; returns ``out``."""
+    """Write ``n`` synthetic pets in the Oxford-IIIT Pet layout under ``out``; returns ``out``.
+
+    ``mix``: ``random`` (each image draws its sub-style), ``balanced`` (every texture family x
+    breed in turn) or ``production`` (a redundant stream, see :func:`_pet_plan`).
+    """
     _check_args(n, size, test_fraction, "test_fraction")
+    if mix not in MIXES or not 1 <= int(common) <= 8 or not 0 < common_share <= 1 or int(copies) < 1:
+        raise ConfigError(
+            f"mix must be one of {MIXES}, common in 1..8, common_share in (0, 1], copies >= 1; "
+            f"got {mix!r}, {common}, {common_share}, {copies}"
+        )
     out = _prepare_out(out)
     (out / "images").mkdir()
     (out / "annotations" / "trimaps").mkdir(parents=True)
     test_idx = _split_indices(seed, n, test_fraction)
     lines: dict[str, list[str]] = {"trainval": [], "test": []}
     samples = {}
-    for i, s in enumerate(_sample_seeds(seed, n)):
-        mask, breed = _pet_geometry(s, size)
+    for i, spec in enumerate(_pet_plan(seed, n, shift, mix, int(common), float(common_share), int(copies))):
+        image, trimap = render_pet(
+            spec["seed"], size, shift, spec.get("breed"), spec.get("family"), spec.get("variant", 0)
+        )
+        breed = _pet_geometry(spec["seed"], 32, spec.get("breed"))[1]
         name = f"{PET_BREEDS[breed][0]}_{i + 1}"
-        _pet_style(s, size, mask, shift).save(out / "images" / f"{name}.jpg", quality=92)
-        Image.fromarray(pet_trimap(mask)).save(out / "annotations" / "trimaps" / f"{name}.png")
+        image.save(out / "images" / f"{name}.jpg", quality=92)
+        Image.fromarray(trimap).save(out / "annotations" / "trimaps" / f"{name}.png")
         species = PET_BREEDS[breed][1]
         breed_id = 1 + sum(1 for b in PET_BREEDS[:breed] if b[1] == species)
         split = "test" if i in test_idx else "trainval"
         lines[split].append(f"{name} {breed + 1} {species} {breed_id}")
-        samples[name] = {"seed": s, "split": split}
+        samples[name] = {**spec, "breed": breed, "split": split}
     for split, ls in lines.items():
         (out / "annotations" / f"{split}.txt").write_text("".join(x + "\n" for x in ls))
     _write_meta(out, "pets", seed, size, shift, samples)
@@ -460,5 +542,6 @@ def reproduce_sample(root: str | Path, name: str) -> tuple[Image.Image, Any]:
     if sample is None:
         raise DatasetError(f"sample {name!r} is not in {Path(root) / SYNTH_META}")
     if meta["task"] == "pets":
-        return render_pet(sample["seed"], meta["size"], meta["shift"])
+        extra = (sample.get("breed"), sample.get("family"), sample.get("variant", 0))
+        return render_pet(sample["seed"], meta["size"], meta["shift"], *extra)
     return render_shapes(sample["seed"], meta["size"], meta["shift"], sample.get("crowd", False))

@@ -154,8 +154,18 @@ def write_policy(
 ) -> CapturePolicy:
     """Publish a policy that every Capturer with :func:`store_policy_source` picks up."""
     p = parse_policy(policy)
-    store.put_json(check_key(key), p.model_dump())
+    store.put_json(check_key(key), policy_json(p))
     return p
+
+
+# Fields added after the first replicas shipped: written only when set, so replicas that predate
+# them (and reject unknown keys) still read every policy that does not use them.
+_LATER_FIELDS = ("random_fraction", "drop_duplicates", "near_duplicate_cosine")
+
+
+def policy_json(p: CapturePolicy) -> dict[str, Any]:
+    defaults = CapturePolicy()
+    return p.model_dump(exclude={k for k in _LATER_FIELDS if getattr(p, k) == getattr(defaults, k)})
 
 
 def read_policy(store: ObjectStore, key: str = POLICY_KEY) -> Optional[CapturePolicy]:
@@ -285,7 +295,7 @@ def build_metadata(
         prediction, preannotation, mask = _semantic_prediction(record, json_key)
         objects.update(mask)
     prediction = {"class_names": [str(c) for c in record.get("class_names") or []], **prediction}
-    meta: dict[str, Any] = {
+    meta = {
         "format": METADATA_FORMAT,
         "id": capture_id,
         "time": _utc_iso(when),
@@ -303,12 +313,19 @@ def build_metadata(
         "height": int(record["height"]) if isinstance(record.get("height"), int) else None,
         "prediction": prediction,
         "preannotation": preannotation,
-        "policy": policy.model_dump() if policy is not None else None,
+        "policy": policy_json(policy) if policy is not None else None,
+    }
+    meta.update(_selection_fields(record, meta["model_version"]))
+    return meta, objects, json_key
+
+
+def _selection_fields(record: Mapping[str, Any], model_version: Optional[str]) -> dict[str, Any]:
+    """``selected_by``, ``uncertainty`` and ``embedding`` of a capture (what selection reads)."""
+    return {
         "selected_by": str(record.get("selected_by") or "policy"),
         "uncertainty": _uncertainty(record.get("uncertainty")),
+        "embedding": encode_embedding(record.get("embedding"), model_version),
     }
-    meta["embedding"] = encode_embedding(record.get("embedding"), meta["model_version"])
-    return meta, objects, json_key
 
 
 def _uncertainty(stats: Any) -> Optional[dict[str, float]]:

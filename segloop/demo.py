@@ -340,7 +340,8 @@ def step_annotate(d: Demo) -> None:
     unique = unique_captures(d.store)
     chosen = select_captures(unique, spec)
     picked = {r.id for r in chosen.records}
-    held_out = random.Random(0).sample([c for c in unique if c.id not in picked], 16)
+    rest = [c for c in unique if c.id not in picked]
+    held_out = random.Random(0).sample(rest, min(16, len(rest)))
     test_dir = simulate_annotation(d.store, held_out, truth, d.data / "annot_test")
     v_test = import_annotations(d.store, "pets", d.v0.version, test_dir, split="test")
     train_dir = simulate_annotation(d.store, chosen.records, truth, d.data / "annot_train")

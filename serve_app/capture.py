@@ -447,11 +447,9 @@ class Capturer:
         if not item.policy.drop_duplicates:
             return False
         sha = hashlib.sha256(item.image).hexdigest()
-        embedding = item.record.get("embedding")
-        if self._recent.is_duplicate(sha, embedding, item.policy.near_duplicate_cosine):
+        if self._recent.is_duplicate(sha, item.record.get("embedding"), item.policy.near_duplicate_cosine):
             self._count("duplicate")
             return True
-        self._recent.add(sha, embedding)
         return False
 
     def _write(self, item: _Item) -> None:
@@ -496,6 +494,7 @@ class Capturer:
             if not self._healthy:
                 logger.warning("capture store is back; capturing again")
                 self._healthy = True
+            self._recent.add(meta["image_sha256"], item.record.get("embedding"))  # only what was stored
             self._count("stored")
             return
 

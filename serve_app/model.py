@@ -129,7 +129,10 @@ def run_batch(
     for out, img, png in zip(outs, images, want_png):
         fields = _response_fields(predictor, out, img, png, score_threshold)
         if capture:
-            fields[CAPTURE_KEY] = capture_signals(predictor, out, score_threshold)
+            try:
+                fields[CAPTURE_KEY] = capture_signals(predictor, out, score_threshold)
+            except Exception:  # noqa: BLE001 - capture never fails a prediction: no signals for this one
+                logger.exception("capture signals failed; the prediction is answered without them")
         results.append({**fields, "model": model, "model_version": predictor.version})
     return results, forward_s
 
@@ -325,7 +328,7 @@ class SegModel:
             raise RuntimeError("no model loaded")
         threshold = self._settings.score_threshold if self._settings else 0.05
         t0 = time.perf_counter()
-        capture = self._capturer is not None
+        capture = self._capturer is not None and self._capturer.policy.mode != "off"
         results, forward_s = await asyncio.to_thread(run_isolated, lm, list(images), list(want_png), threshold, capture)
         total_s = time.perf_counter() - t0
         self._metrics.batch(lm.version, len(images), forward_s)

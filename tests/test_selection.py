@@ -292,8 +292,8 @@ def test_export_cli_with_each_strategy_on_s3(s3_server, tmp_path, pets, monkeypa
 def test_selection_refuses_embeddings_it_cannot_compare(tmp_path, pets):
     store = LocalStore(tmp_path / "s")
     names = pet_names(pets)
-    capture_with_signals(store, pets, names[:3], version="1")
-    capture_with_signals(store, pets, names[3:6], version="2")
+    capture_with_signals(store, pets, names[:4], version="1")
+    capture_with_signals(store, pets, names[4:7], version="2")
     recs = q.list_captures(store)
     with pytest.raises(ConfigError, match=r"model versions \['1', '2'\].*--model-version V, or --rescore"):
         select_captures(recs, SelectionSpec("kcenter", 2))
@@ -301,10 +301,15 @@ def test_selection_refuses_embeddings_it_cannot_compare(tmp_path, pets):
     old = [q.CaptureRecord.from_meta({k: v for k, v in r.meta.items() if k != "embedding"}, r.json_key) for r in recs]
     with pytest.raises(ConfigError, match="have no embedding .*--rescore MODEL_URI or use --strategy random"):
         select_captures(old, SelectionSpec("badge", 2))
-    # labelled captures (already in a dataset) steer kcenter away from their cluster
-    v1 = [r for r in recs if r.model_version == "1"]
-    chosen = select_captures(v1[1:], SelectionSpec("kcenter", 1), labelled=v1[:1])
-    assert chosen.picks[0].distance is not None
+    # Captures already in a dataset are the labelled set: kcenter keeps away from their cluster.
+    n0, n1, n2, _ = sorted((r for r in recs if r.model_version == "1"), key=lambda r: r.entropy, reverse=True)
+    # n0 and n1 share one cluster, n2 is in the other; n1 is more uncertain than n2
+    assert select_captures([n1, n2], SelectionSpec("top", 1), labelled=[n0]).records == [n1]
+    chosen = select_captures([n1, n2], SelectionSpec("kcenter", 1), labelled=[n0])
+    assert chosen.records == [n2] and chosen.picks[0].distance > 0.5
+    assert select_captures([n1, n2], SelectionSpec("kcenter", 1)).records == [n1]  # nothing labelled
+    with pytest.raises(ConfigError, match="no capture records the statistic 'max_instance_entropy'"):
+        select_captures([n0, n1], SelectionSpec("top", 1, score="max_instance_entropy"))
 
 
 # ----------------------------------------------------------------------------- the predictor and re-scoring
@@ -334,9 +339,7 @@ def test_the_predictor_embeds_from_the_same_forward_pass(spec, dim):
     assert np.allclose(alone[0].embedding.astype(np.float32), embs[1], atol=2e-3)
     sig = output_signals(outs[0], pred.version)
     assert sig.model_version == "7" and 0 <= sig.uncertainty["entropy"] <= 1
-    assert len(pred.model._forward_hooks) == 0 and all(
-        not m._forward_hooks for m in pred.model.modules()
-    )  # the hook is gone after the call
+    assert all(not m._forward_hooks for m in pred.model.modules())  # the hook is gone after the call
 
 
 def test_rescore_selects_old_captures_with_the_current_model(tmp_path, pets, capsys):
@@ -391,3 +394,67 @@ def test_label_efficiency_bench_quick_runs(tmp_path):
     assert set(per_run.values()) == {2}  # two paired repetitions of every cell
     assert {s for _, s, _ in per_run} == {*STRATEGIES, "full pool"}
     assert all(len(r["picked"]) == r["k"] for r in rows if r["strategy"] in STRATEGIES)
+
+
+def test_capture_signals_never_fail_a_prediction(tmp_path, monkeypatch):
+    import serve_app.model as sm
+    from serve_app.config import ModelSettings
+    from tests.serve_helpers import SEMANTIC, save_checkpoint
+
+    lm = sm.load_model(ModelSettings(model_uri=f"checkpoint:{save_checkpoint(tmp_path / 'm.pt', SEMANTIC)}"))
+    image = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    (ok,), _ = sm.run_batch(lm, [image], capture=True)
+    assert set(ok[sm.CAPTURE_KEY]) == {"uncertainty", "embedding"}
+
+    def broken(probs):
+        raise ValueError("statistics broke")
+
+    monkeypatch.setattr(sm, "semantic_uncertainty", broken)  # a fault in the capture maths
+    (res,), _ = sm.run_batch(lm, [image], capture=True)
+    assert sm.CAPTURE_KEY not in res and res["entropy"] == ok["entropy"]  # answered, without signals
+
+
+def test_a_capture_dropped_over_budget_is_not_a_duplicate_later(tmp_path):
+    answers = iter([False, True])
+    with Capturer(LocalStore(tmp_path / "s"), "all", budget=lambda n: next(answers)) as cap:
+        rec = {"task": "semantic", "entropy": 0.5, "class_names": list(CLASSES)}
+        assert cap.offer(b"\xff\xd8\xffX", None, rec) and cap.flush(10)
+        assert cap.offer(b"\xff\xd8\xffX", None, rec) and cap.flush(10)
+        stats = cap.stats()
+    assert (stats["over_budget"], stats["stored"], stats["duplicate"]) == (1, 1, 0)
+
+
+def test_policies_without_the_new_fields_stay_readable_by_older_replicas(tmp_path):
+    from pydantic import BaseModel, ConfigDict
+
+    from dataplane.capture import write_policy
+
+    class OldPolicy(BaseModel):  # the policy model replicas shipped with before selection
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        mode: str = "off"
+        threshold: float = 0.5
+        fraction: float = 0.1
+        window: int = 200
+
+    store = LocalStore(tmp_path / "s")
+    write_policy(store, {"mode": "entropy", "threshold": 0.3})
+    assert OldPolicy.model_validate(store.get_json("control/capture_policy.json")).threshold == 0.3
+    write_policy(store, {"mode": "entropy", "random_fraction": 0.05})
+    assert store.get_json("control/capture_policy.json")["random_fraction"] == 0.05  # written when used
+
+
+def test_rescore_leaves_out_a_capture_whose_image_is_gone(tmp_path, pets, capsys):
+    from segloop.cli import main as segloop
+    from tests.serve_helpers import SEMANTIC, save_checkpoint
+    from tests.test_queue import capture_pets
+
+    store = LocalStore(tmp_path / "store")
+    ids = capture_pets(store, pets, {n: 0.5 for n in pet_names(pets)[:4]})
+    gone = q.get_capture(store, next(iter(ids.values())))
+    store.delete(gone.image_key)
+    ckpt = save_checkpoint(tmp_path / "m.pt", SEMANTIC)
+    argv = ["queue", "--store", str(tmp_path / "store"), "export", "--strategy", "badge", "--budget", "4"]
+    assert segloop([*argv, "--rescore", f"checkpoint:{ckpt}", "--out", str(tmp_path / "out")]) == 0
+    index = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert len(index["captures"]) == 3 and gone.id not in {c["id"] for c in index["captures"]}
+    assert any(gone.id in p and "not re-scored" in p for p in index["problems"])

@@ -17,6 +17,7 @@ from PIL import Image
 from dataplane.annotation.images import captured_image
 from dataplane.annotation.selection import Rescorer, Signals
 from dataplane.store import ObjectStore
+from segloop.errors import DatasetError
 from train.predict import InstanceOutput, Predictor
 from train.uncertainty import instance_mask_entropies, instance_uncertainty, semantic_uncertainty
 
@@ -33,21 +34,28 @@ def output_signals(out: Any, version: str, score_threshold: float = 0.05) -> Sig
 
 
 def rescorer(model_uri: str, store: ObjectStore, batch_size: int = 16) -> tuple[Rescorer, str]:
-    """``(rescore(records) -> {id: Signals}, "NAME/VERSION")`` for the model ``model_uri`` names."""
+    """``(rescore, "NAME/VERSION")`` for the model ``model_uri`` names; ``rescore(records)`` gives
+    ``({id: Signals}, problems)``."""
     import io
 
     predictor = Predictor.load(model_uri)
 
-    def rescore(records: Sequence[Any]) -> dict[str, Signals]:
+    def rescore(records: Sequence[Any]) -> tuple[dict[str, Signals], list[str]]:
         out: dict[str, Signals] = {}
+        problems: list[str] = []
         for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            images = []
-            for rec in chunk:
-                served = captured_image(store, rec, f"capture {rec.id}")
+            chunk, images = [], []
+            for rec in records[start : start + batch_size]:
+                try:  # a missing or changed image leaves that capture out, as a plain export does
+                    served = captured_image(store, rec, f"capture {rec.id}")
+                except DatasetError as err:
+                    problems.append(f"not re-scored: {err}")
+                    continue
+                chunk.append(rec)
                 images.append(np.asarray(Image.open(io.BytesIO(served.data)).convert("RGB")))
-            outs, _ = predictor.predict(images)
-            out.update({rec.id: output_signals(o, predictor.version) for rec, o in zip(chunk, outs)})
-        return out
+            if images:
+                outs, _ = predictor.predict(images)
+                out.update({rec.id: output_signals(o, predictor.version) for rec, o in zip(chunk, outs)})
+        return out, problems
 
     return rescore, f"{predictor.name}/{predictor.version}"

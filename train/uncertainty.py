@@ -35,7 +35,6 @@ import numpy as np
 
 _EPS = 1e-12
 TOP_QUANTILE = 0.9
-SCORE_KEYS = ("entropy", "class_balanced_entropy", "top_entropy", "margin")
 
 
 def _unit(x: float) -> float:

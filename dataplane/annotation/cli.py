@@ -18,7 +18,7 @@ from dataplane.annotation.exporter import export
 from dataplane.annotation.formats import FORMATS, read_json
 from dataplane.annotation.importer import import_annotations
 from dataplane.annotation.records import get_capture, iso, list_captures
-from dataplane.annotation.selection import STRATEGIES, Rescorer, SelectionSpec
+from dataplane.annotation.selection import SCORE_KEYS, STRATEGIES, Rescorer, SelectionSpec
 from dataplane.annotation.simulate import simulate_annotation, truth_from_dataset
 from dataplane.store import ObjectStore
 from segloop.errors import ConfigError
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from dataplane.versions import Manifest
 
 RescorerFactory = Callable[[str, ObjectStore], tuple[Rescorer, str]]
-# the statistics a capture records (train.uncertainty; semantic and instance share these names)
-SCORE_KEYS = ("entropy", "class_balanced_entropy", "top_entropy", "margin", "max_instance_entropy")
 
 
 def _shared_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -131,6 +129,8 @@ def _selection(args: argparse.Namespace) -> SelectionSpec:
     if args.top is None and args.budget is None:
         raise ConfigError("export needs --budget N (how many captures to send to annotators), or --top N")
     top = args.top is not None
+    if top and args.top < 1:
+        raise ConfigError(f"--top must be a positive integer, got {args.top}")
     spec = SelectionSpec(
         strategy="top" if top else (args.strategy or SelectionSpec.strategy),
         budget=args.top if top else args.budget,

@@ -104,14 +104,7 @@ def export(
     chosen: Optional[Selection] = None
     if records is None and selection is not None:
         pool = list_captures(store, since, until, model_version, task=task)
-        done = sample_names(exclude) if exclude is not None else set()
-        candidates = [r for r in pool if r.id not in done]
-        if not candidates:
-            raise DatasetError(
-                f"no captures to select from in {store.describe()} (filters: task={task}, model_version={model_version})"
-            )
-        labelled = [r for r in pool if r.id in done]
-        chosen = select_captures(candidates, selection, labelled, rescore, rescored_with)
+        chosen = _select(store, pool, exclude, selection, rescore, rescored_with)
         records = chosen.records
     if records is None:
         if not isinstance(top, int) or top < 1:
@@ -130,6 +123,7 @@ def export(
         trimap_dir.mkdir()
 
     items, problems = _load_items(store, records, task, class_names)
+    problems = (chosen.problems if chosen is not None else []) + problems
     for item in items:
         (out / "images" / item.file).write_bytes(item.image.data)
         if trimap_dir is not None:
@@ -141,6 +135,23 @@ def export(
     (out / "label_studio_config.xml").write_text(labelstudio.label_studio_config(labels))
     _write_index(out / "export.json", store, task, class_names, items, problems, chosen)
     return ExportResult(out, task, [item.rec for item in items], ls_path, coco_path, trimap_dir, problems)
+
+
+def _select(
+    store: ObjectStore,
+    pool: list[CaptureRecord],
+    exclude: Optional[Manifest],
+    spec: SelectionSpec,
+    rescore: Optional[Rescorer],
+    rescored_with: Optional[str],
+) -> Selection:
+    """The batch ``spec`` chooses from ``pool``; captures already in ``exclude`` are the labelled set."""
+    done = sample_names(exclude) if exclude is not None else set()
+    candidates = [r for r in pool if r.id not in done]
+    if not candidates:
+        raise DatasetError(f"no captures to select from in {store.describe()} (all {len(pool)} already annotated)")
+    labelled = [r for r in pool if r.id in done]
+    return select_captures(candidates, spec, labelled, rescore, rescored_with)
 
 
 def _common_task(records: Sequence[CaptureRecord]) -> tuple[str, list[str]]:

@@ -19,8 +19,8 @@ Pure numpy: the queue calls :func:`select` on capture records, the benchmark on 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -31,6 +31,16 @@ STRATEGIES = ("random", "top", "power", "kcenter", "badge")
 NEEDS_EMBEDDINGS = ("kcenter", "badge")
 DEFAULT_STRATEGY = "kcenter"
 DEFAULT_SCORE = "class_balanced_entropy"
+# the statistics a capture records (train.uncertainty): both tasks, then semantic, then instance only
+SCORE_KEYS = (
+    "entropy",
+    "class_balanced_entropy",
+    "margin",
+    "top_entropy",
+    "score_entropy",
+    "mask_entropy",
+    "max_instance_entropy",
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,7 @@ class Pick:
     uncertainty: float
     reason: str
     distance: Optional[float] = None  # cosine distance to the nearest labelled/picked sample when picked
-    probability: Optional[float] = None  # its chance at that draw (power, badge)
+    probability: Optional[float] = None  # power: u^β / Σ u^β (its first-draw chance); badge: its chance at its draw
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -220,8 +230,8 @@ class Signals:
     model_version: Optional[str]
 
 
-# id -> fresh signals from the current model (``segloop queue export --rescore``)
-Rescorer = Any  # Callable[[list[CaptureRecord]], dict[str, Signals]]
+# records -> ({id: fresh signals from the current model}, problems) (``queue export --rescore``)
+Rescorer = Callable[[list[Any]], tuple[dict[str, Signals], list[str]]]
 
 
 @dataclass
@@ -231,12 +241,14 @@ class Selection:
     picks: list[Pick]
     duplicates: list[str]  # ids left out as copies of a more uncertain candidate
     rescored_with: Optional[str] = None
+    problems: list[str] = field(default_factory=list)  # captures left out or scored on a fallback
 
     def index(self) -> dict[str, Any]:
         """What the export records of this selection."""
         return {
             **asdict(self.spec),
             "rescored_with": self.rescored_with,
+            "problems": self.problems,
             "duplicates_dropped": self.duplicates,
             "picks": [dict(p.as_dict(), id=r.id) for r, p in zip(self.records, self.picks)],
         }
@@ -254,11 +266,6 @@ def stored_signals(rec: Any) -> Signals:
     vector = decode_embedding(emb)
     version = emb.get("model_version") if isinstance(emb, dict) else None
     return Signals(stats, vector, str(version) if version is not None else rec.model_version)
-
-
-def _score(sig: Signals, key: str) -> float:
-    v = sig.uncertainty.get(key, sig.uncertainty.get("entropy"))
-    return float(v) if v is not None else 0.0
 
 
 def _embedding_matrix(ids: list[str], sigs: list[Signals], strategy: str) -> Optional[np.ndarray]:
@@ -298,6 +305,29 @@ def _same_space(sigs: list[Signals], like: Optional[Signals]) -> Optional[np.nda
     return np.stack(rows) if rows else None
 
 
+def _scores(ids: list[str], sigs: dict[str, Signals], key: str) -> tuple[np.ndarray, int]:
+    """``(u, how many fell back to entropy)``; ConfigError when no candidate records ``key``."""
+    have = [key in sigs[i].uncertainty for i in ids]
+    if ids and not any(have):
+        raise ConfigError(
+            f"no capture records the statistic {key!r} (older captures record only entropy; "
+            "semantic and instance captures record different ones): pick another --score or --rescore"
+        )
+    u = [sigs[i].uncertainty.get(key, sigs[i].uncertainty.get("entropy", 0.0)) for i in ids]
+    return np.asarray(u, dtype=np.float64), have.count(False)
+
+
+def _signals(
+    cands: list[Any], lab: list[Any], rescore: Optional[Rescorer]
+) -> tuple[dict[str, Signals], list[Any], list[Any], list[str]]:
+    """Every capture's signals (stored, or fresh from ``rescore``); captures it could not
+    re-score are left out and named in the problems."""
+    if rescore is None:
+        return {r.id: stored_signals(r) for r in cands + lab}, cands, lab, []
+    fresh, problems = rescore(cands + lab)
+    return fresh, [r for r in cands if r.id in fresh], [r for r in lab if r.id in fresh], problems
+
+
 def select_captures(
     candidates: Sequence[Any],
     spec: SelectionSpec,
@@ -308,30 +338,30 @@ def select_captures(
     """Choose ``spec.budget`` of ``candidates`` (CaptureRecords), duplicates dropped first.
 
     ``labelled``: captures already annotated (their embeddings steer kcenter/badge away).
-    ``rescore``: re-computes every capture's signals with the current model first.
+    ``rescore(records) -> ({id: Signals}, problems)``: the current model's signals first.
     """
     spec.check()
-    cands, lab = list(candidates), list(labelled)
-    if rescore is not None:
-        fresh = rescore(cands + lab)
-        sig = {r.id: fresh[r.id] for r in cands + lab}
-    else:
-        sig = {r.id: stored_signals(r) for r in cands + lab}
+    sig, cands, lab, problems = _signals(list(candidates), list(labelled), rescore)
+    if not cands:
+        raise ConfigError("no capture left to select from: " + "; ".join(problems[:3]))
     ids = [r.id for r in cands]
-    x = _embedding_matrix(ids, [sig[i] for i in ids], spec.strategy)
-    labelled_x = _same_space([sig[r.id] for r in lab], sig[ids[0]] if ids and x is not None else None)
-    u = np.array([_score(sig[i], spec.score) for i in ids])
-    shas = [r.meta.get("image_sha256") for r in cands]
-    drop = set(near_duplicates(x, u, spec.dedupe_cosine, shas))
+    needs_x = spec.strategy in NEEDS_EMBEDDINGS or spec.dedupe_cosine < 1.0
+    x = _embedding_matrix(ids, [sig[i] for i in ids], spec.strategy) if needs_x else None
+    u, fallbacks = _scores(ids, sig, spec.score)
+    drop = set(near_duplicates(x, u, spec.dedupe_cosine, [r.meta.get("image_sha256") for r in cands]))
     keep = [i for i in range(len(ids)) if i not in drop]
+    use_x = x is not None and spec.strategy in NEEDS_EMBEDDINGS
     picks = select(
         spec.strategy,
         u[keep],
         spec.budget,
-        embeddings=x[keep] if x is not None else None,
-        labelled=labelled_x,
+        embeddings=x[keep] if use_x else None,
+        labelled=_same_space([sig[r.id] for r in lab], sig[ids[0]]) if use_x else None,
         seed=spec.seed,
         beta=spec.beta,
     )
     picks = [Pick(keep[p.index], p.rank, p.uncertainty, p.reason, p.distance, p.probability) for p in picks]
-    return Selection(spec, [cands[p.index] for p in picks], picks, [ids[i] for i in sorted(drop)], rescored_with)
+    if fallbacks:
+        problems.append(f"{fallbacks} capture(s) record no {spec.score!r}; their entropy was used")
+    chosen = [cands[p.index] for p in picks]
+    return Selection(spec, chosen, picks, [ids[i] for i in sorted(drop)], rescored_with, problems)

@@ -10,6 +10,6 @@ from typing import Optional
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from dataplane.annotation.cli import main as queue_main
-    from train.rescore import rescorer
+    from train.rescore import ModelRescorer
 
-    return queue_main(argv, rescorer_factory=rescorer)
+    return queue_main(argv, rescorer_factory=ModelRescorer)

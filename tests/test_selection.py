@@ -26,6 +26,7 @@ from dataplane.annotation.selection import (
 )
 from dataplane.capture import build_metadata, decode_embedding, encode_embedding, new_capture_id
 from dataplane.store import LocalStore
+from dataplane.versions import create_version
 from segloop.errors import ConfigError
 from serve_app.capture import Capturer, RecentCaptures
 from serve_app.postprocess import encode_png
@@ -360,6 +361,13 @@ def test_rescore_selects_old_captures_with_the_current_model(tmp_path, pets, cap
     assert index["selection"]["rescored_with"].startswith("m.pt/ckpt-") and len(index["captures"]) == 3
     scores = [c["selection"]["uncertainty"] for c in index["captures"]]
     assert all(0 <= s <= 1 for s in scores) and len(set(scores)) == 3  # the model's numbers, not the stored 0.5
+    assert index["selection"]["labelled_embeddings"] == 0
+    # What a dataset version already holds is labelled: re-scoring embeds its images for kcenter.
+    version = create_version(store, "pets", pets, task="semantic")
+    argv = [*base, "--rescore", f"checkpoint:{ckpt}", "--exclude-dataset", f"pets@{version.version}"]
+    assert segloop([*argv, "--out", str(tmp_path / "c")]) == 0
+    index = json.loads((tmp_path / "c" / "export.json").read_text())
+    assert index["selection"]["labelled_embeddings"] == len(list((pets / "images").glob("*.jpg")))
 
 
 # ----------------------------------------------------------------------------- the benchmark

@@ -26,7 +26,7 @@ from segloop.errors import ConfigError
 if TYPE_CHECKING:
     from dataplane.versions import Manifest
 
-RescorerFactory = Callable[[str, ObjectStore], tuple[Rescorer, str]]
+RescorerFactory = Callable[[str, ObjectStore], Rescorer]
 
 
 def _shared_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -177,11 +177,11 @@ def _cmd_list(store: ObjectStore, args: argparse.Namespace) -> None:
 
 def _cmd_export(store: ObjectStore, args: argparse.Namespace, rescorer_factory: Optional[RescorerFactory]) -> None:
     spec = _selection(args)
-    rescore, rescored_with = None, None
+    rescore = None
     if args.rescore:
         if rescorer_factory is None:
             raise ConfigError("--rescore needs the model code: run it as `segloop queue export ... --rescore URI`")
-        rescore, rescored_with = rescorer_factory(args.rescore, store)
+        rescore = rescorer_factory(args.rescore, store)
     res = export(
         store,
         args.out,
@@ -193,13 +193,12 @@ def _cmd_export(store: ObjectStore, args: argparse.Namespace, rescorer_factory: 
         image_url_prefix=args.image_url_prefix,
         selection=spec,
         rescore=rescore,
-        rescored_with=rescored_with,
     )
     for prob in res.problems:
         print(f"warning: left out: {prob}", file=sys.stderr)
     print(
         f"exported {len(res.records)} {res.task} sample(s) chosen by {spec.strategy} ({spec.score}"
-        + (f", re-scored with {rescored_with}" if rescored_with else "")
+        + (f", re-scored with {rescore.name}" if rescore is not None else "")
         + f") to {res.out_dir}: {res.label_studio.name}, {res.coco.name}"
         + (", trimaps/" if res.trimaps else "")
     )
@@ -253,8 +252,8 @@ COMMANDS: dict[str, Callable[[ObjectStore, argparse.Namespace], None]] = {
 def main(argv: Optional[Sequence[str]] = None, rescorer_factory: Optional[RescorerFactory] = None) -> int:
     """CLI entry point. Exit codes: 0 ok, 1 store failure, 2 bad input.
 
-    ``rescorer_factory(model_uri, store) -> (rescore, name)`` enables ``export --rescore``
-    (``segloop queue`` passes :func:`train.rescore.rescorer`).
+    ``rescorer_factory(model_uri, store) -> Rescorer`` enables ``export --rescore``
+    (``segloop queue`` passes :class:`train.rescore.ModelRescorer`).
     """
     from dataplane.store import run_store_command
 

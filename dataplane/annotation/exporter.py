@@ -30,7 +30,7 @@ import numpy as np
 from dataplane.annotation import coco, labelstudio, trimaps
 from dataplane.annotation.images import CapturedImage, captured_image
 from dataplane.annotation.records import CaptureRecord, iso, list_captures, sample_names
-from dataplane.annotation.selection import Rescorer, Selection, SelectionSpec, select_captures
+from dataplane.annotation.selection import NEEDS_EMBEDDINGS, Rescorer, Selection, SelectionSpec, select_captures
 from dataplane.masks import decode_segmentation, read_label_png
 from dataplane.store import EXPORTS_PREFIX, ObjectNotFound, ObjectStore
 from segloop.errors import ConfigError, DatasetError
@@ -89,12 +89,12 @@ def export(
     image_url_prefix: str = "images/",
     selection: Optional[SelectionSpec] = None,
     rescore: Optional[Rescorer] = None,
-    rescored_with: Optional[str] = None,
 ) -> ExportResult:
     """Write a batch of captures with pre-annotations for annotators (see module doc).
 
     ``selection`` chooses the batch (:mod:`.selection`: strategy, budget, seed; ``rescore``
-    re-scores with the current model first); without it, the ``top`` most uncertain by the
+    re-scores with the current model first and embeds ``exclude``'s images as what is already
+    labelled); without it, the ``top`` most uncertain by the
     recorded entropy. ``records`` overrides both. All selected captures must share one task (pass
     ``task`` to pick one when traffic mixes them). Captures that cannot be exported (image
     missing or modified, unreadable mask) are left out and listed in ``problems``.
@@ -104,7 +104,7 @@ def export(
     chosen: Optional[Selection] = None
     if records is None and selection is not None:
         pool = list_captures(store, since, until, model_version, task=task)
-        chosen = _select(store, pool, exclude, selection, rescore, rescored_with)
+        chosen = _select(store, pool, exclude, selection, rescore)
         records = chosen.records
     if records is None:
         if not isinstance(top, int) or top < 1:
@@ -143,15 +143,16 @@ def _select(
     exclude: Optional[Manifest],
     spec: SelectionSpec,
     rescore: Optional[Rescorer],
-    rescored_with: Optional[str],
 ) -> Selection:
-    """The batch ``spec`` chooses from ``pool``; captures already in ``exclude`` are the labelled set."""
+    """The batch ``spec`` chooses from ``pool``. What is labelled: the captures already in
+    ``exclude`` and, when re-scoring for kcenter/badge, every image of that dataset version."""
     done = sample_names(exclude) if exclude is not None else set()
     candidates = [r for r in pool if r.id not in done]
     if not candidates:
         raise DatasetError(f"no captures to select from in {store.describe()} (all {len(pool)} already annotated)")
     labelled = [r for r in pool if r.id in done]
-    return select_captures(candidates, spec, labelled, rescore, rescored_with)
+    embed = rescore is not None and exclude is not None and spec.strategy in NEEDS_EMBEDDINGS
+    return select_captures(candidates, spec, labelled, rescore, rescore.dataset(exclude) if embed else None)
 
 
 def _common_task(records: Sequence[CaptureRecord]) -> tuple[str, list[str]]:

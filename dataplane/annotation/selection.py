@@ -19,9 +19,9 @@ Pure numpy: the queue calls :func:`select` on capture records, the benchmark on 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
@@ -230,8 +230,18 @@ class Signals:
     model_version: Optional[str]
 
 
-# records -> ({id: fresh signals from the current model}, problems) (``queue export --rescore``)
-Rescorer = Callable[[list[Any]], tuple[dict[str, Signals], list[str]]]
+class Rescorer(Protocol):
+    """The current model, for ``queue export --rescore`` (:class:`train.rescore.ModelRescorer`)."""
+
+    name: str  # "NAME/VERSION"
+
+    def captures(self, records: list[Any]) -> tuple[dict[str, Signals], list[str]]:
+        """``({id: fresh signals}, problems)``; captures it cannot read are left out and named."""
+        ...
+
+    def dataset(self, manifest: Any) -> Optional[np.ndarray]:
+        """[n, d] embeddings of a dataset version's images (what is already labelled)."""
+        ...
 
 
 @dataclass
@@ -242,12 +252,14 @@ class Selection:
     duplicates: list[str]  # ids left out as copies of a more uncertain candidate
     rescored_with: Optional[str] = None
     problems: list[str] = field(default_factory=list)  # captures left out or scored on a fallback
+    labelled: int = 0  # labelled embeddings kcenter/badge kept away from
 
     def index(self) -> dict[str, Any]:
         """What the export records of this selection."""
         return {
             **asdict(self.spec),
             "rescored_with": self.rescored_with,
+            "labelled_embeddings": self.labelled,
             "problems": self.problems,
             "duplicates_dropped": self.duplicates,
             "picks": [dict(p.as_dict(), id=r.id) for r, p in zip(self.records, self.picks)],
@@ -293,15 +305,16 @@ def _embedding_matrix(ids: list[str], sigs: list[Signals], strategy: str) -> Opt
     return np.stack([s.embedding for s in sigs])  # type: ignore[misc]
 
 
-def _same_space(sigs: list[Signals], like: Optional[Signals]) -> Optional[np.ndarray]:
-    """The labelled embeddings comparable with the candidates' (same model, same size)."""
-    if like is None or like.embedding is None:
-        return None
+def _labelled_matrix(sigs: list[Signals], like: Signals, extra: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The labelled embeddings comparable with the candidates' (same model, same size), plus ``extra``."""
+    size = like.embedding.size  # type: ignore[union-attr]
     rows = [
         s.embedding
         for s in sigs
-        if s.embedding is not None and s.embedding.size == like.embedding.size and s.model_version == like.model_version
+        if s.embedding is not None and (s.embedding.size, s.model_version) == (size, like.model_version)
     ]
+    if extra is not None and len(extra) and np.asarray(extra).shape[1] == size:
+        rows += list(np.asarray(extra, dtype=np.float32))
     return np.stack(rows) if rows else None
 
 
@@ -324,7 +337,7 @@ def _signals(
     re-score are left out and named in the problems."""
     if rescore is None:
         return {r.id: stored_signals(r) for r in cands + lab}, cands, lab, []
-    fresh, problems = rescore(cands + lab)
+    fresh, problems = rescore.captures(cands + lab)
     return fresh, [r for r in cands if r.id in fresh], [r for r in lab if r.id in fresh], problems
 
 
@@ -333,12 +346,13 @@ def select_captures(
     spec: SelectionSpec,
     labelled: Sequence[Any] = (),
     rescore: Optional[Rescorer] = None,
-    rescored_with: Optional[str] = None,
+    labelled_embeddings: Optional[np.ndarray] = None,
 ) -> Selection:
     """Choose ``spec.budget`` of ``candidates`` (CaptureRecords), duplicates dropped first.
 
-    ``labelled``: captures already annotated (their embeddings steer kcenter/badge away).
-    ``rescore(records) -> ({id: Signals}, problems)``: the current model's signals first.
+    ``labelled``: captures already annotated, and ``labelled_embeddings`` [m, d] (e.g. a dataset
+    version's images embedded by ``rescore``): kcenter and badge keep away from both.
+    ``rescore``: every capture's signals come from the current model first.
     """
     spec.check()
     sig, cands, lab, problems = _signals(list(candidates), list(labelled), rescore)
@@ -351,12 +365,13 @@ def select_captures(
     drop = set(near_duplicates(x, u, spec.dedupe_cosine, [r.meta.get("image_sha256") for r in cands]))
     keep = [i for i in range(len(ids)) if i not in drop]
     use_x = x is not None and spec.strategy in NEEDS_EMBEDDINGS
+    known = _labelled_matrix([sig[r.id] for r in lab], sig[ids[0]], labelled_embeddings) if use_x else None
     picks = select(
         spec.strategy,
         u[keep],
         spec.budget,
         embeddings=x[keep] if use_x else None,
-        labelled=_same_space([sig[r.id] for r in lab], sig[ids[0]]) if use_x else None,
+        labelled=known,
         seed=spec.seed,
         beta=spec.beta,
     )
@@ -364,4 +379,6 @@ def select_captures(
     if fallbacks:
         problems.append(f"{fallbacks} capture(s) record no {spec.score!r}; their entropy was used")
     chosen = [cands[p.index] for p in picks]
-    return Selection(spec, chosen, picks, [ids[i] for i in sorted(drop)], rescored_with, problems)
+    name = rescore.name if rescore is not None else None
+    n_known = len(known) if known is not None else 0
+    return Selection(spec, chosen, picks, [ids[i] for i in sorted(drop)], name, problems, n_known)

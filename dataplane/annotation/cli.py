@@ -46,7 +46,8 @@ def _shared_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]
     filters.add_argument(
         "--exclude-dataset",
         metavar="NAME[@VERSION]",
-        help="leave out captures already annotated into this dataset (default version: latest)",
+        help="leave out captures already annotated into this dataset (default version: latest); export treats "
+        "what it holds as labelled (kcenter/badge keep away from it)",
     )
     return common, filters
 

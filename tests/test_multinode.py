@@ -240,13 +240,14 @@ def test_monitor_retrains_on_a_new_version_through_a_worker_kill(cluster: SimClu
     }  # fmt: skip
     handle = actor.start(config, restart=True)
     time.sleep(5)  # the first tick records what the champion was trained on
-    root = generate_pets(cluster.base / "data" / "pets-v2", n=64, seed=1, size=64)
+    # enough data that an epoch outlasts Ray Train's 2 s poll (a fast VM trains 64 images in 0.3 s)
+    root = generate_pets(cluster.base / "data" / "pets-v2", n=192, seed=1, size=64)
     v2 = create_version(data_store(), "pets", root, "semantic", parent=pets_v1).version
 
     jobs = JobSubmissionClient(cluster.dashboard)
     store = S3Store(cluster.s3.endpoint, cluster.bucket, cluster.s3.access_key, cluster.s3.secret_key)
     before = set(store.list("ray_results/"))
-    job_id, pid, killed = None, None, None
+    job_id, pid, killed, ready_at = None, None, None, None
     deadline = time.time() + 420
     while time.time() < deadline:
         status = ray.get(handle.status.remote())
@@ -254,8 +255,11 @@ def test_monitor_retrains_on_a_new_version_through_a_worker_kill(cluster: SimClu
         job_id = job and job["id"]
         if job_id and killed is None:
             pid = pid or _training_worker_pid(cluster.node_id)
-            # two checkpoints in S3: the first is committed (each epoch's report waits for every rank)
-            if pid and len(_checkpoints(set(store.list("ray_results/")) - before)) >= 2:
+            # two checkpoints in S3, then one poll of Ray Train's controller (every 2 s) later: the
+            # first is registered (each epoch's report waits for every rank), so a restart resumes
+            if ready_at is None and pid and len(_checkpoints(set(store.list("ray_results/")) - before)) >= 2:
+                ready_at = time.time()
+            if ready_at is not None and time.time() - ready_at >= 2.5:
                 os.kill(pid, signal.SIGKILL)  # mid-run
                 killed = pid
         if job_id and str(jobs.get_job_status(job_id)) in ("SUCCEEDED", "FAILED", "STOPPED"):

@@ -306,15 +306,16 @@ def _embedding_matrix(ids: list[str], sigs: list[Signals], strategy: str) -> Opt
 
 
 def _labelled_matrix(sigs: list[Signals], like: Signals, extra: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    """The labelled embeddings comparable with the candidates' (same model, same size), plus ``extra``."""
+    """What is labelled, in the candidates' embedding space: ``extra`` (a dataset version's images,
+    which include its captures) when given, else the labelled captures of the same model and size."""
     size = like.embedding.size  # type: ignore[union-attr]
+    if extra is not None and len(extra) and np.asarray(extra).shape[1] == size:
+        return np.asarray(extra, dtype=np.float32)
     rows = [
         s.embedding
         for s in sigs
         if s.embedding is not None and (s.embedding.size, s.model_version) == (size, like.model_version)
     ]
-    if extra is not None and len(extra) and np.asarray(extra).shape[1] == size:
-        rows += list(np.asarray(extra, dtype=np.float32))
     return np.stack(rows) if rows else None
 
 

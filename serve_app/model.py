@@ -40,7 +40,6 @@ from serve_app.postprocess import (
     semantic_fields,
 )
 from train.model_ref import parse_model_uri
-from train.uncertainty import instance_mask_entropies, instance_uncertainty, semantic_uncertainty
 
 logger = logging.getLogger("ray.serve")
 
@@ -99,15 +98,12 @@ def _response_fields(predictor: Any, out: Any, image: np.ndarray, png: bool, sco
     return fields
 
 
-def capture_signals(predictor: Any, out: Any, score_threshold: float) -> dict[str, Any]:
+def capture_signals(out: Any, score_threshold: float) -> dict[str, Any]:
     """What a capture records beyond the response: uncertainty statistics and the embedding
-    (:mod:`train.uncertainty`), from the same forward pass."""
-    if predictor.meta.task == "semantic":
-        stats = semantic_uncertainty(out.probs)
-    else:
-        keep, mask_entropy = instance_mask_entropies(out.scores, out.masks, out.boxes, score_threshold, out.image_size)
-        stats = instance_uncertainty(out.scores[keep], mask_entropy, out.labels[keep])
-    return {"uncertainty": stats, "embedding": out.embedding}
+    (:func:`train.predict.output_uncertainty`), from the same forward pass."""
+    from train.predict import output_uncertainty  # torch: the replica has it, the ingress need not
+
+    return {"uncertainty": output_uncertainty(out, score_threshold), "embedding": out.embedding}
 
 
 def run_batch(
@@ -130,7 +126,7 @@ def run_batch(
         fields = _response_fields(predictor, out, img, png, score_threshold)
         if capture:
             try:
-                fields[CAPTURE_KEY] = capture_signals(predictor, out, score_threshold)
+                fields[CAPTURE_KEY] = capture_signals(out, score_threshold)
             except Exception:  # noqa: BLE001 - capture never fails a prediction: no signals for this one
                 logger.exception("capture signals failed; the prediction is answered without them")
         results.append({**fields, "model": model, "model_version": predictor.version})

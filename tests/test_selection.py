@@ -406,6 +406,7 @@ def test_label_efficiency_bench_quick_runs(tmp_path):
 
 def test_capture_signals_never_fail_a_prediction(tmp_path, monkeypatch):
     import serve_app.model as sm
+    import train.predict
     from serve_app.config import ModelSettings
     from tests.serve_helpers import SEMANTIC, save_checkpoint
 
@@ -417,7 +418,7 @@ def test_capture_signals_never_fail_a_prediction(tmp_path, monkeypatch):
     def broken(probs):
         raise ValueError("statistics broke")
 
-    monkeypatch.setattr(sm, "semantic_uncertainty", broken)  # a fault in the capture maths
+    monkeypatch.setattr(train.predict, "semantic_uncertainty", broken)  # a fault in the capture maths
     (res,), _ = sm.run_batch(lm, [image], capture=True)
     assert sm.CAPTURE_KEY not in res and res["entropy"] == ok["entropy"]  # answered, without signals
 

@@ -27,7 +27,7 @@ from train.metrics.semantic import class_indices
 from train.model_ref import ModelMeta, parse_model_uri
 from train.models import build_model, model_task
 from train.transforms import eval_transforms
-from train.uncertainty import pooled_embedding
+from train.uncertainty import instance_mask_entropies, instance_uncertainty, pooled_embedding, semantic_uncertainty
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,15 @@ class InstanceOutput:
 
 
 Output = Union[SemanticOutput, InstanceOutput]
+
+
+def output_uncertainty(out: Output, score_threshold: float = 0.05) -> dict[str, float]:
+    """The uncertainty statistics of one output (:mod:`train.uncertainty`): what a replica records
+    with a capture and what ``queue export --rescore`` recomputes, so both rank alike."""
+    if isinstance(out, InstanceOutput):
+        keep, mask_entropy = instance_mask_entropies(out.scores, out.masks, out.boxes, score_threshold, out.image_size)
+        return instance_uncertainty(out.scores[keep], mask_entropy, out.labels[keep])
+    return semantic_uncertainty(out.probs)
 
 
 def build_from_state(meta: ModelMeta, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:

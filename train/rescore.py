@@ -22,19 +22,13 @@ from dataplane.annotation.selection import Signals
 from dataplane.store import ObjectStore
 from dataplane.versions import materialize
 from segloop.errors import DatasetError
-from train.predict import InstanceOutput, Predictor
-from train.uncertainty import instance_mask_entropies, instance_uncertainty, semantic_uncertainty
+from train.predict import Predictor, output_uncertainty
 
 
 def output_signals(out: Any, version: str, score_threshold: float = 0.05) -> Signals:
     """The capture signals of one predictor output (the same numbers a replica records)."""
-    if isinstance(out, InstanceOutput):
-        keep, mask_entropy = instance_mask_entropies(out.scores, out.masks, out.boxes, score_threshold, out.image_size)
-        stats = instance_uncertainty(out.scores[keep], mask_entropy, out.labels[keep])
-    else:
-        stats = semantic_uncertainty(out.probs)
     emb = out.embedding.astype(np.float32) if out.embedding is not None else None
-    return Signals(stats, emb, version)
+    return Signals(output_uncertainty(out, score_threshold), emb, version)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

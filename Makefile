@@ -8,11 +8,13 @@ STAMP  := $(VENV)/.installed
 DATA   ?= .segloop
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+TASK ?= pets
 
 .PHONY: help install system-deps demo demo-cluster lint test test-long test-fast prometheus bench clean
 
 help:
 	@echo "make demo   - install and run the whole loop locally (data, train, serve, monitor, retrain, promote)"
+	@echo "make demo TASK=coco - the same loop for instance segmentation (COCO8-seg layout, Mask R-CNN)"
 	@echo "make demo-cluster - the same loop on a simulated two-node cluster that shares no disk (root)"
 	@echo "make test   - install and run the test suite"
 	@echo "make test-fast - tests without those marked slow"
@@ -39,11 +41,11 @@ system-deps:
 	  || echo "warning: could not install prometheus; the promtool/prometheus tests will fail"; }
 
 demo: install
-	$(VENV)/bin/segloop demo --data-dir $(DATA)/demo $(DEMO_ARGS)
+	$(VENV)/bin/segloop demo --task $(TASK) --data-dir $(DATA)/demo-$(TASK) $(DEMO_ARGS)
 
 # The same loop on a simulated two-node cluster sharing no disk (root: a mount namespace), S3 + MLflow servers.
 demo-cluster: install
-	$(VENV)/bin/segloop demo --cluster --data-dir $(DATA)/demo-cluster $(DEMO_ARGS)
+	$(VENV)/bin/segloop demo --cluster --task $(TASK) --data-dir $(DATA)/demo-cluster-$(TASK) $(DEMO_ARGS)
 
 # Lint and format check first (ruff, configured in pyproject.toml), then the tests.
 lint: $(STAMP)

@@ -275,7 +275,7 @@ def build_metadata(
         policy          the policy that selected the sample
         selected_by     "policy" (the mode chose it) or "random" (the policy's random share)
         uncertainty     {entropy, class_balanced_entropy, top_entropy, margin} (semantic) or
-                        {entropy, score_entropy, mask_entropy, max_instance_entropy,
+                        {entropy, score_uncertainty, mask_entropy, max_instance_entropy,
                          class_balanced_entropy, margin} (instance); see train.uncertainty
         embedding       {dtype: "float16", dim, model_version, data: base64 little-endian} or null
 

@@ -1,6 +1,6 @@
 """``make demo``: the whole loop on the embedded default, narrated step by step.
 
-    segloop demo --data-dir .segloop/demo [--size 64 --n 160 --epochs 8] [--stay -1]
+    segloop demo [--task pets|coco] --data-dir .segloop/demo [--size 64 --n 160 --epochs 8] [--stay -1]
 
 Local Ray (dashboard on 127.0.0.1), MLflow on ``<data-dir>/mlflow.db``, the object store in
 ``<data-dir>/store``. Steps: generate data -> dataset version -> train v1 (Ray Train) ->
@@ -10,6 +10,7 @@ uncertainty and embeddings) and a simulated annotator labels it from the generat
 truth -> new dataset version -> the actor submits retraining as a Ray
 job -> v2 is compared with v1 on the same held-out data and promoted -> Serve follows the
 alias -> confidence on shifted traffic recovers. Ends with a summary table and the URLs.
+``--task coco`` runs the same loop for instance segmentation (:mod:`segloop.demo_tasks`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from dataplane.annotation.selection import DEFAULT_STRATEGY, STRATEGIES
+from segloop.demo_tasks import TASKS, DemoTask, demo_task
 
-MODEL = "segloop-pets"
 APP = "segloop"
 
 
+_T0 = [time.time()]  # when the demo started; each step's header says how long it has run
+
+
 def say(step: str, text: str = "") -> None:
-    print(f"\n=== {step} ===" + (f"\n{text}" if text else ""), flush=True)
+    m, sec = divmod(int(time.time() - _T0[0]), 60)
+    print(f"\n=== {step} === [{m}:{sec:02d}]" + (f"\n{text}" if text else ""), flush=True)
 
 
 class Traffic:
@@ -76,11 +81,6 @@ def mean(results: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in results) if results else float("nan")
 
 
-def images(root: Path, split: str) -> list[Path]:
-    names = [ln.split()[0] for ln in (root / "annotations" / f"{split}.txt").read_text().splitlines() if ln.strip()]
-    return [root / "images" / f"{n}.jpg" for n in names]
-
-
 def wait_until(pred, timeout_s: float, every_s: float = 2.0, tick=None) -> bool:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -94,12 +94,23 @@ def wait_until(pred, timeout_s: float, every_s: float = 2.0, tick=None) -> bool:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="segloop demo", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="pets",
+        help="pets: semantic segmentation (Oxford-IIIT Pet trimaps); coco: instance segmentation (COCO8-seg "
+        "layout, Mask R-CNN)",
+    )
     p.add_argument("--data-dir", default=".segloop/demo", help="wiped and recreated: the demo's own directory")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--n", type=int, default=160, help="default-style training images")
-    p.add_argument("--shift-n", type=int, default=160, help="shifted-style images used as traffic")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--annotate", type=int, default=48, help="captures sent to the (simulated) annotator")
+    p.add_argument("--size", type=int, help="image size (pets 64, coco 96)")
+    p.add_argument("--n", type=int, help="default-style images, train and held-out (pets 160, coco 160)")
+    p.add_argument("--shift-n", type=int, help="shifted-style images used as traffic (pets 160, coco 128)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="training epochs of v1 (pets 12, coco 10; coco's retraining fine-tunes v1 for half as many)",
+    )
+    p.add_argument("--annotate", type=int, help="captures sent to the (simulated) annotator (48)")
     p.add_argument(
         "--strategy",
         choices=STRATEGIES,
@@ -121,7 +132,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep Ray, Serve and the monitoring actor up this long after the summary to look around "
         "in the dashboards (-1: until Ctrl-C); everything stops when the demo exits",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    sizes = demo_task(args.task).sizes
+    for key in ("size", "n", "shift_n", "epochs", "annotate"):
+        value = getattr(args, key)
+        if value is None:
+            setattr(args, key, getattr(sizes, key))
+        elif value < 1:
+            p.error(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
+    return args
 
 
 class DemoFailed(RuntimeError):
@@ -134,8 +153,9 @@ class Demo:
 
     args: argparse.Namespace
     data: Path
+    t: DemoTask = field(default_factory=DemoTask)
     store: Any = None
-    pets: Path | None = None
+    normal: Path | None = None
     shifted: Path | None = None
     v0: Any = None
     v1: Any = None
@@ -159,16 +179,15 @@ class Demo:
 def step_data(d: Demo) -> None:
     from dataplane.versions import create_version
     from segloop.settings import data_store
-    from train.data.synth import generate_pets
 
-    a = d.args
-    say("1. generate data", f"default-style pets ({a.n}) and shifted-style pets ({a.shift_n}) in {d.data / 'data'}")
-    d.pets = generate_pets(d.data / "data" / "pets", n=a.n, seed=0, size=a.size)
-    d.shifted = generate_pets(d.data / "data" / "pets_shift", n=a.shift_n, seed=1, size=a.size, shift=True)
+    a, t = d.args, d.t
+    say("1. generate data", f"{t.describe_data(a.n, a.shift_n)}, in {d.data / 'data'}")
+    d.normal = t.generate(d.data / "data" / t.name, a.n, 0, a.size, shift=False)
+    d.shifted = t.generate(d.data / "data" / f"{t.name}_shift", a.shift_n, 1, a.size, shift=True)
     d.store = data_store(d.data)
-    d.v0 = create_version(d.store, "pets", d.pets, "semantic")
+    d.v0 = create_version(d.store, t.name, d.normal, t.task)
     samples = sum(len(s) for s in d.v0.splits.values())
-    print(f"dataset version pets@{d.v0.version}: {samples} samples, store {d.store.describe()}")
+    print(f"dataset version {t.name}@{d.v0.version}: {samples} samples, store {d.store.describe()}")
 
 
 def step_ray(d: Demo) -> None:
@@ -208,31 +227,40 @@ def where(d: Demo, class_part: str, what: str, alive_only: bool = False) -> None
 
 def step_train(d: Demo) -> Path:
     """Train v1; returns the config file the monitor's retraining job will use."""
+    import torch
+
     from segloop.config import dump_config
     from train.config import TrainConfig
     from train.job import run
 
-    a = d.args
-    train_cfg = dict(
-        task="semantic", dataset_version=d.v0.version, dataset_name="pets", image_size=a.size, epochs=a.epochs,
-        batch_size=8, lr=0.01, num_workers=2, patience=0, data_dir=str(d.data), experiment="segloop-demo",
-        registered_model=MODEL,
+    a, t = d.args, d.t
+    train_cfg = t.train_config(a.size, a.epochs, use_gpu=torch.cuda.is_available()) | dict(
+        dataset_version=d.v0.version, dataset_name=t.name, patience=0, data_dir=str(d.data),
+        experiment=f"segloop-demo-{t.name}", registered_model=t.registered_model,
     )  # fmt: skip
-    say("3. train v1 with Ray Train (2 workers), track in MLflow, register")
-    d.v1 = run(TrainConfig(**train_cfg))
-    print(f"v{d.v1.model_version}: held-out mIoU {d.v1.holdout['val_miou']:.3f} -> {d.v1.reason}")
+    cfg = TrainConfig(**train_cfg)
+    say(
+        f"3. train v1 with Ray Train ({cfg.model}, {cfg.num_workers} worker{'s' * (cfg.num_workers > 1)}), "
+        "track in MLflow, register"
+    )
+    d.v1 = run(cfg)
+    print(f"v{d.v1.model_version}: held-out {t.score} {d.v1.holdout[cfg.promotion_key]:.3f} -> {d.v1.reason}")
     where(d, "RayTrainWorker", "training workers")
     retrain_yaml = d.data / "retrain.yaml"
-    dump_config(TrainConfig(**train_cfg), retrain_yaml)
+    changes = t.retrain_changes(train_cfg)
+    dump_config(TrainConfig(**(train_cfg | changes)), retrain_yaml)
+    if changes:
+        print("the retraining job will: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
     return retrain_yaml
 
 
 def step_serve(d: Demo) -> None:
     from monitoring.serving import deploy
 
-    say("4. serve v1 with Ray Serve", "replicas follow models:/segloop-pets@champion (polled every 2 s)")
+    uri = f"models:/{d.t.registered_model}@champion"
+    say("4. serve v1 with Ray Serve", f"replicas follow {uri} (polled every 2 s)")
     app_args = dict(
-        data_dir=str(d.data), model={"model_uri": f"models:/{MODEL}@champion", "poll_interval_s": 2},
+        data_dir=str(d.data), model={"model_uri": uri, "poll_interval_s": 2, **dict(d.t.serve)},
         model_num_replicas=1, capture={"policy": {"mode": "off"}, "policy_poll_s": 2},
     )  # fmt: skip
     deploy(app_args, APP, "/", http_options={"host": "127.0.0.1", "port": 8000})
@@ -242,13 +270,13 @@ def step_serve(d: Demo) -> None:
 
 def step_normal_traffic(d: Demo) -> None:
     say("5. normal traffic", "default-style held-out images")
-    normal = d.traffic.send(images(d.pets, "test") * 2)
+    normal = d.traffic.send(d.t.images(d.normal, d.t.holdout_split) * 2)
     d.base_conf, d.base_ent = mean(normal, "confidence"), mean(normal, "entropy")
     print(
         f"{len(normal)} predictions by v{normal[0]['model_version']}: mean confidence {d.base_conf:.3f}, "
         f"mean entropy {d.base_ent:.3f}"
     )
-    refused = d.traffic.send_bad(images(d.pets, "test")[0])
+    refused = d.traffic.send_bad(d.t.images(d.normal, d.t.holdout_split)[0])
     print(
         "bad uploads are refused, each with its reason, and serving goes on: "
         + ", ".join(f"{code} {reason}" for code, reason in refused)
@@ -258,20 +286,21 @@ def step_normal_traffic(d: Demo) -> None:
 def step_monitor(d: Demo, retrain_yaml: Path) -> None:
     from monitoring import actor
 
+    m = d.t.alert_margin
     say(
         "6. the monitoring actor",
-        "rules calibrated on the normal traffic: alert when mean confidence drops "
-        "0.05 below it or mean entropy rises 0.05 above it; on alert capture images more uncertain than normal traffic",
+        f"rules calibrated on the normal traffic: alert when mean confidence drops {m} below it or mean entropy "
+        f"rises {m} above it; on alert capture images more uncertain than normal traffic",
     )
     common = {"window_s": 20, "for_s": 4, "hysteresis": 0.02, "cooldown_s": 3600}
     rules = [
-        {"name": "low_confidence", "signal": "mean_confidence", "op": "<", "threshold": round(d.base_conf - 0.05, 4)},
-        {"name": "high_entropy", "signal": "mean_entropy", "op": ">", "threshold": round(d.base_ent + 0.05, 4)},
+        {"name": "low_confidence", "signal": "mean_confidence", "op": "<", "threshold": round(d.base_conf - m, 4)},
+        {"name": "high_entropy", "signal": "mean_entropy", "op": ">", "threshold": round(d.base_ent + m, 4)},
     ]
     config = {
-        "interval_s": 2, "rules": [{**r, **common} for r in rules], "app_name": APP, "dataset_name": "pets",
+        "interval_s": 2, "rules": [{**r, **common} for r in rules], "app_name": APP, "dataset_name": d.t.name,
         "capture_on_alert": {"mode": "entropy", "threshold": round(d.base_ent, 4)},
-        "min_new_samples": d.args.annotate, "train_config": str(retrain_yaml), "registered_model": MODEL,
+        "min_new_samples": d.args.annotate, "train_config": str(retrain_yaml), "registered_model": d.t.registered_model,
         "data_dir": str(d.data), "dashboard_url": d.dashboard,
     }  # fmt: skip
     d.monitor = actor.start(config, restart=True)
@@ -283,12 +312,14 @@ def step_drift(d: Demo) -> list[Path]:
     from dataplane.capture import write_policy
 
     say("7. shifted traffic (drift)", "the generator's --shift style: other colours and textures")
-    shift_imgs = images(d.shifted, "trainval") + images(d.shifted, "test")
+    t = d.t
+    shift_imgs = t.images(d.shifted, t.train_split) + t.images(d.shifted, t.holdout_split)
     fired = wait_until(
         lambda: bool(d.status()["firing"]), 180, every_s=1, tick=lambda: d.drift.extend(d.traffic.send(shift_imgs[:24]))
     )
     print(
-        f"mean confidence on shifted traffic {mean(d.drift, 'confidence'):.3f} (normal {d.base_conf:.3f}); "
+        f"on shifted traffic: mean confidence {mean(d.drift, 'confidence'):.3f} (normal {d.base_conf:.3f}), "
+        f"mean entropy {mean(d.drift, 'entropy'):.3f} (normal {d.base_ent:.3f}); "
         f"alert {'FIRED: ' + ', '.join(d.status()['firing']) if fired else 'did not fire'}"
     )
     if not fired:
@@ -325,30 +356,45 @@ def step_collect(d: Demo, shift_imgs: list[Path]) -> None:
 def step_annotate(d: Demo) -> None:
     import random
 
-    from dataplane.annotation import import_annotations, simulate_annotation, truth_from_dataset
+    from dataplane.annotation import export, import_annotations, simulate_annotation, truth_from_dataset
     from dataplane.annotation.selection import SelectionSpec, select_captures
     from dataplane.versions import latest_version
 
-    spec = SelectionSpec(strategy=d.args.strategy, budget=d.args.annotate)
+    t, spec = d.t, SelectionSpec(strategy=d.args.strategy, budget=d.args.annotate)
     say(
         "9. annotate and version",
         f"the annotation queue picks {spec.budget} captures by {spec.strategy} ({spec.score}, embeddings of the "
-        "serving model); a simulated annotator labels them (ground truth from the generator); 16 others, at "
-        "random, go to the held-out split",
+        "serving model) and writes them with the model's predictions as pre-annotations; a simulated annotator "
+        f"labels them (ground truth from the generator); 16 others, at random, go to the held-out split",
     )
     truth = truth_from_dataset(d.shifted)
     unique = unique_captures(d.store)
     chosen = select_captures(unique, spec)
+    batch = export(d.store, d.data / "annotation_batch", records=chosen.records)
+    print(preannotation_line(batch))
     picked = {r.id for r in chosen.records}
     rest = [c for c in unique if c.id not in picked]
     held_out = random.Random(0).sample(rest, min(16, len(rest)))
     test_dir = simulate_annotation(d.store, held_out, truth, d.data / "annot_test")
-    v_test = import_annotations(d.store, "pets", d.v0.version, test_dir, split="test")
+    v_test = import_annotations(d.store, t.name, d.v0.version, test_dir, split=t.holdout_split)
     train_dir = simulate_annotation(d.store, chosen.records, truth, d.data / "annot_train")
-    v_new = import_annotations(d.store, "pets", v_test.version, train_dir, split="trainval")
+    v_new = import_annotations(d.store, t.name, v_test.version, train_dir, split=t.train_split)
     print(
-        f"pets@{v_new.version} (parent {v_new.parent}): {sum(len(s) for s in v_new.splits.values())} samples; "
-        f"latest is {latest_version(d.store, 'pets').version}"
+        f"{t.name}@{v_new.version} (parent {v_new.parent}): {sum(len(s) for s in v_new.splits.values())} samples; "
+        f"latest is {latest_version(d.store, t.name).version}"
+    )
+
+
+def preannotation_line(batch: Any) -> str:
+    """What the annotators get: the batch's files and how many predicted regions they start from."""
+    import json
+
+    tasks = json.loads(batch.label_studio.read_text())
+    regions = sum(len(p["result"]) for task in tasks for p in task.get("predictions", []))
+    what = "predicted instances" if batch.task == "instance" else "predicted regions"
+    return (
+        f"annotation batch: {len(tasks)} tasks with {regions} {what} as pre-annotations "
+        f"({batch.label_studio.name}, {batch.coco.name} in {batch.out_dir})"
     )
 
 
@@ -358,7 +404,7 @@ def step_retrain(d: Demo) -> None:
     ok = wait_until(lambda: any(j["status"] in done for j in d.status()["jobs"]), d.args.timeout, every_s=5)
     jobs = d.status()["jobs"]
     for j in jobs:
-        print(f"job {j['id']}: {j['status']} on pets@{j['dataset_version']} ({j['reason']})")
+        print(f"job {j['id']}: {j['status']} on {d.t.name}@{j['dataset_version']} ({j['reason']})")
     if not ok:
         raise DemoFailed(f"the retraining job did not finish in {d.args.timeout:g} s; see {d.dashboard}")
     finished = next(j for j in jobs if j["status"] in done)
@@ -383,8 +429,8 @@ def step_promote(d: Demo) -> None:
 
     say("11. promote and switch")
     mlflow.set_tracking_uri(tracking_uri(d.data))
-    d.champion = registry.champion_version(MODEL)
-    versions = mlflow.MlflowClient().search_model_versions(f"name='{MODEL}'")
+    d.champion = registry.champion_version(d.t.registered_model)
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{d.t.registered_model}'")
     d.latest = max(versions, key=lambda m: int(m.version))
     print(f"v{d.latest.version}: {d.latest.tags.get('segloop.decision')} — {d.latest.tags.get('segloop.reason')}")
 
@@ -400,7 +446,7 @@ def step_summary(d: Demo, t_start: float) -> None:
     from segloop.settings import tracking_uri
 
     say("12. shifted traffic after retraining")
-    after = d.traffic.send(images(d.shifted, "test"))
+    after = d.traffic.send(d.t.images(d.shifted, d.t.holdout_split))
     before = d.drift[: len(after)]
 
     say("summary")
@@ -413,10 +459,12 @@ def step_summary(d: Demo, t_start: float) -> None:
         ),
         ("mean confidence, shifted traffic", f"{mean(before, 'confidence'):.3f}", f"{mean(after, 'confidence'):.3f}"),
         ("mean entropy, shifted traffic", f"{mean(before, 'entropy'):.3f}", f"{mean(after, 'entropy'):.3f}"),
+        ("mean entropy, normal traffic", f"{d.base_ent:.3f}", "-"),
     ]
     print(f"| | v{d.v1.model_version} | v{d.latest.version} |\n| --- | ---: | ---: |")
     for name, a, b in rows:
         print(f"| {name} | {a} | {b} |")
+    print(f"(held-out score: {tags.get('segloop.metric', d.t.score)}, both models on the new version's held-out split)")
     print(
         f"\nrequests served: {d.traffic.sent}, failed requests: {d.traffic.failed}, "
         f"champion: v{d.champion}, wall time {time.time() - t_start:.0f}s"
@@ -444,7 +492,7 @@ def stay(seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    t_start = time.time()
+    t_start = _T0[0] = time.time()
     data = Path(args.data_dir).resolve()
     if data.exists():
         shutil.rmtree(data)
@@ -453,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray 2.60's default for a local cluster, said explicitly (before Ray is imported) so Ray
     # does not warn about it; RAY_AUTH_MODE=disabled from the environment still wins.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    d = Demo(args, data)
+    d = Demo(args, data, demo_task(args.task))
     if args.cluster:
         from segloop.simcluster import Unavailable
 

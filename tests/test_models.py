@@ -26,7 +26,7 @@ from train.models import (
 )
 
 SEMANTIC = ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "fcn_resnet50"]
-INSTANCE = ["maskrcnn_mobilenet_v3_large_fpn", "maskrcnn_resnet50_fpn_v2"]
+INSTANCE = ["maskrcnn_mobilenet_v3_large_fpn", "maskrcnn_mobilenet_v3_large_fpn_slim", "maskrcnn_resnet50_fpn_v2"]
 
 
 @pytest.fixture
@@ -139,7 +139,12 @@ SMALL_RCNN = {
 
 
 @pytest.mark.parametrize(
-    "name", ["maskrcnn_mobilenet_v3_large_fpn", pytest.param("maskrcnn_resnet50_fpn_v2", marks=pytest.mark.slow)]
+    "name",
+    [
+        "maskrcnn_mobilenet_v3_large_fpn",
+        "maskrcnn_mobilenet_v3_large_fpn_slim",
+        pytest.param("maskrcnn_resnet50_fpn_v2", marks=pytest.mark.slow),  # the seed's model, one step
+    ],
 )
 def test_instance_train_and_eval(name: str) -> None:
     torch.manual_seed(0)
@@ -171,6 +176,16 @@ def test_default_instance_model_builds_with_new_heads() -> None:
     assert model.roi_heads.box_predictor.bbox_pred.out_features == 16
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
     assert 40e6 < count_parameters(model) < 50e6
+
+
+def test_slim_maskrcnn_is_small_and_refuses_full_weights() -> None:
+    model = build_model("maskrcnn_mobilenet_v3_large_fpn_slim", 3)
+    assert model.backbone.out_channels == 64 and model.transform.min_size == (128,)
+    assert model.roi_heads.detections_per_img == 20
+    assert 3e6 < count_parameters(model) < 6e6
+    assert build_model("maskrcnn_mobilenet_v3_large_fpn_slim", 3, min_size=96, max_size=96).transform.max_size == 96
+    with pytest.raises(ModelError, match="no pretrained weights"):
+        build_model("maskrcnn_mobilenet_v3_large_fpn_slim", 3, weights="DEFAULT")
 
 
 def test_light_maskrcnn_defaults_are_small_and_overridable() -> None:
@@ -307,13 +322,14 @@ def test_semantic_checkpoint_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(fresh(x), expected)
 
 
-def test_instance_checkpoint_round_trip_across_frozen_batchnorm(tmp_path: Path, hub: Path) -> None:
+@pytest.mark.parametrize("name", ["maskrcnn_mobilenet_v3_large_fpn", "maskrcnn_mobilenet_v3_large_fpn_slim"])
+def test_instance_checkpoint_round_trip_across_frozen_batchnorm(tmp_path: Path, hub: Path, name: str) -> None:
     # a model fine-tuned from a pretrained backbone (FrozenBatchNorm2d) must load into a plain build
     torch.save(torchvision.models.mobilenet_v3_large().state_dict(), weights_file(MobileNet_V3_Large_Weights.DEFAULT))
-    model = build_model("maskrcnn_mobilenet_v3_large_fpn", 3, weights_backbone="DEFAULT", min_size=64, max_size=64)
+    model = build_model(name, 3, weights_backbone="DEFAULT", min_size=64, max_size=64)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict()}, path)
-    loaded = build_model("maskrcnn_mobilenet_v3_large_fpn", 3, checkpoint=path, min_size=64, max_size=64)
+    loaded = build_model(name, 3, checkpoint=path, min_size=64, max_size=64)
     expected = model.state_dict()
     for key, value in loaded.state_dict().items():
         if not key.endswith("num_batches_tracked"):

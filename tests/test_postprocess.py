@@ -48,8 +48,11 @@ def test_instance_confidence_entropy():
     boxes = np.array([[2, 2, 6, 6], [0, 0, 10, 10]], float)
     scores = np.array([1.0, 0.5])
     conf, ent = instance_confidence_entropy(scores, masks, boxes, 0.05)
-    # instance 0: mask 0, score 0 -> 0; instance 1: mask 1, score 1 -> 1
-    assert conf == pytest.approx(0.75) and ent == pytest.approx(0.5)
+    # instance 0: mask 0, 1 - score 0 -> 0; instance 1: mask 1, 1 - score 0.5 -> 0.75
+    assert conf == pytest.approx(0.75) and ent == pytest.approx(0.375)
+    # a less sure detection is always more uncertain (H2(score) fell below 0.5)
+    low = [instance_confidence_entropy(np.array([s]), masks[:1], boxes[:1])[1] for s in (0.4, 0.2, 0.1)]
+    assert low == sorted(low) and low[0] < low[-1]
     assert instance_confidence_entropy(scores, masks, boxes, 0.6) == pytest.approx((1.0, 0.0), abs=1e-9)
     assert instance_confidence_entropy(np.zeros(0), np.zeros((0, 10, 10)), np.zeros((0, 4))) == (0.0, 1.0)
 

@@ -159,8 +159,9 @@ def test_uncertainty_statistics_weigh_the_small_classes():
     assert 0.4 < s["top_entropy"] < 0.6  # the 10 worst pixels: the 4 lost ones and 6 of the background
     assert s["margin"] == pytest.approx(1 - (96 * 0.97 + 4 * 0.01) / 100, abs=1e-3)
     inst = instance_uncertainty(np.array([0.5, 0.99]), [0.0, 0.0], np.array([1, 2]))
-    assert inst["score_entropy"] == pytest.approx((1 + 0.0808) / 2, abs=1e-3)
-    assert inst["max_instance_entropy"] == pytest.approx(0.5) and inst["margin"] == pytest.approx(1 - 0.49)
+    assert inst["score_uncertainty"] == pytest.approx((0.5 + 0.01) / 2)
+    assert inst["entropy"] == pytest.approx(0.5 * 0.0 + 0.5 * (0.5 + 0.01) / 2)
+    assert inst["max_instance_entropy"] == pytest.approx(0.25) and inst["margin"] == pytest.approx(1 - 0.49)
     assert instance_uncertainty(np.zeros(0), [], np.zeros(0))["entropy"] == 1.0
 
 

@@ -14,6 +14,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # --------------------------------------------------------------------------------------
 
 
+# Held-out metrics a promotion may compare (higher is better); the first is the task's default.
+PROMOTION_METRICS: dict[str, tuple[str, ...]] = {
+    "semantic": ("val_miou", "val_mdice", "val_pixel_acc"),
+    "instance": (
+        "val_segm_mAP50-95",
+        "val_fitness",
+        "val_segm_mAP50",
+        "val_segm_mAP75",
+        "val_bbox_mAP50-95",
+        "val_bbox_mAP50",
+    ),
+}
+
+
 class TrainConfig(BaseModel):
     """Everything one training run needs; recorded whole as MLflow params."""
 
@@ -33,7 +47,11 @@ class TrainConfig(BaseModel):
     model: str = "lraspp_mobilenet_v3_large"
     weights: Optional[str] = None
     weights_backbone: Optional[str] = None
-    init_checkpoint: Optional[str] = Field(None, description="start from these weights (fine-tuning)")
+    init_checkpoint: Optional[str] = Field(
+        None,
+        description="start from these weights (fine-tuning): a registered model (models:/NAME@champion, "
+        "models:/NAME/3; pinned to one version when the run starts) or a checkpoint file every worker can read",
+    )
     model_kwargs: dict = Field(default_factory=dict)
     image_size: int = Field(128, ge=32, le=4096)
     bn_momentum: Optional[float] = Field(
@@ -69,6 +87,11 @@ class TrainConfig(BaseModel):
     run_name: Optional[str] = Field(None, description="re-running with the same name resumes")
     promote: bool = True
     promotion_margin: float = Field(0.0, ge=0, description="challenger must beat champion by this much")
+    promotion_metric: Optional[str] = Field(
+        None,
+        description="held-out metric compared for promotion (default: val_miou for semantic, "
+        "val_segm_mAP50-95 for instance; e.g. val_fitness to promote on the checkpoint score)",
+    )
     # storage
     data_dir: str = Field(".segloop", description="local home of MLflow's SQLite file, artifacts, Ray results")
     checkpoints_to_keep: int = Field(2, ge=1)
@@ -82,9 +105,24 @@ class TrainConfig(BaseModel):
             raise ValueError("ce_weight and dice_weight cannot both be 0")
         if not self.dataset and not self.dataset_version:
             raise ValueError("set either `dataset` (a local directory) or `dataset_version` (an object-store version)")
+        if self.init_checkpoint and self.init_checkpoint.startswith("models:"):
+            from train.model_ref import parse_model_uri
+
+            parse_model_uri(self.init_checkpoint)  # its ValueError names the accepted forms
+        allowed = PROMOTION_METRICS[self.task]
+        if self.promotion_metric is not None and self.promotion_metric not in allowed:
+            raise ValueError(
+                f"promotion_metric {self.promotion_metric!r} is not a held-out metric of task {self.task!r}; "
+                f"expected one of {', '.join(allowed)}"
+            )
         return self
 
     @property
     def metric(self) -> str:
         """The validation metric that selects checkpoints, early-stops and promotes."""
         return "val_miou" if self.task == "semantic" else "val_fitness"
+
+    @property
+    def promotion_key(self) -> str:
+        """The held-out metric a challenger must beat the champion on (same data, same code)."""
+        return self.promotion_metric or PROMOTION_METRICS[self.task][0]

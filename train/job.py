@@ -194,14 +194,14 @@ def evaluate_and_promote(cfg: TrainConfig, ctx: RunContext, state: dict[str, Any
     exactly like a trained one.
     """
     holdout = score_on_holdout(cfg, ctx, state["model"])
-    challenger_score = holdout["metrics"][cfg.metric]
+    challenger_score = holdout["metrics"][cfg.promotion_key]
     version = register_model(cfg, ctx, state)
     decision = compare_and_promote(cfg, version, challenger_score, lambda v: score_champion(cfg, ctx, v))
     log_report(cfg, history, holdout, ctx.class_names, decision)
     verdict = "promoted to champion" if decision.promoted else "not promoted"
     champ = "-" if decision.champion_score is None else f"v{decision.champion_version} {decision.champion_score:.4f}"
     print(
-        f"model {cfg.registered_model} v{version}: holdout {cfg.metric}={challenger_score:.4f} "
+        f"model {cfg.registered_model} v{version}: holdout {cfg.promotion_key}={challenger_score:.4f} "
         f"(champion {champ}) -> {verdict}: {decision.reason}",
         flush=True,
     )
@@ -223,7 +223,14 @@ def compare_and_promote(
 
     def decision(promoted: bool, reason: str) -> registry.Decision:
         return registry.Decision(
-            promoted, version, challenger_score, champ_version, champ_score, cfg.promotion_margin, cfg.metric, reason
+            promoted,
+            version,
+            challenger_score,
+            champ_version,
+            champ_score,
+            cfg.promotion_margin,
+            cfg.promotion_key,
+            reason,
         )
 
     try:
@@ -282,7 +289,7 @@ def score_champion(cfg: TrainConfig, ctx: RunContext, version: str) -> float:
         ctx.class_names,
         False,
     )
-    return champ["metrics"][cfg.metric]
+    return champ["metrics"][cfg.promotion_key]
 
 
 def register_model(cfg: TrainConfig, ctx: RunContext, state: dict[str, Any]) -> str:
@@ -333,6 +340,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     import mlflow
 
     ctx = prepare(cfg)
+    cfg = pin_init_checkpoint(cfg)
     run_name = cfg.run_name or f"{cfg.dataset_name}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = start_mlflow_run(cfg, ctx, run_name)
     try:
@@ -349,6 +357,21 @@ def run(cfg: TrainConfig) -> TrainResult:
     return TrainResult(
         run_id, run_name, promo.version, best_metrics, promo.holdout, promo.promoted, promo.reason, len(history)
     )
+
+
+def pin_init_checkpoint(cfg: TrainConfig) -> TrainConfig:
+    """``models:/NAME@ALIAS`` -> ``models:/NAME/V`` as it is now: every worker, and every restart
+    after a failure, fine-tunes from the same weights, and the run's params say which."""
+    from train.loop import is_registry_uri
+    from train.model_ref import parse_model_uri
+    from train.registry import resolve_version
+
+    if not is_registry_uri(cfg.init_checkpoint):
+        return cfg
+    _, name, ref = parse_model_uri(cfg.init_checkpoint)
+    version = resolve_version(name, ref)
+    print(f"fine-tuning from {cfg.init_checkpoint} = models:/{name}/{version}", flush=True)
+    return cfg.model_copy(update={"init_checkpoint": f"models:/{name}/{version}"})
 
 
 def start_mlflow_run(cfg: TrainConfig, ctx: RunContext, run_name: str) -> str:

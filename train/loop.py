@@ -241,6 +241,29 @@ class Progress:
     resumed: bool = False
 
 
+def is_registry_uri(uri: str | None) -> bool:
+    return bool(uri) and uri.startswith("models:")
+
+
+def load_registered_weights(model: torch.nn.Module, cfg: TrainConfig, tracking_uri: str, num_classes: int) -> None:
+    """Fine-tuning from a registered version: the same architecture and classes, or a named error."""
+    import mlflow
+
+    from segloop.errors import ModelError
+    from train.model_ref import parse_model_uri
+    from train.registry import load_version
+
+    _, name, ref = parse_model_uri(cfg.init_checkpoint)
+    mlflow.set_tracking_uri(tracking_uri)
+    loaded, meta, version = load_version(name, ref)
+    if meta.model != cfg.model or meta.num_classes != num_classes:
+        raise ModelError(
+            f"init_checkpoint {cfg.init_checkpoint} (version {version}) is a {meta.model} with {meta.num_classes} "
+            f"classes; this run trains a {cfg.model} with {num_classes}: set init_checkpoint to a matching model"
+        )
+    model.load_state_dict(loaded.state_dict())
+
+
 def setup_worker(cfg: TrainConfig, extras: dict[str, Any]) -> Worker:
     """Datasets, model (DDP), loaders, loss, optimizer, schedule for this worker."""
     import ray.train
@@ -259,14 +282,17 @@ def setup_worker(cfg: TrainConfig, extras: dict[str, Any]) -> Worker:
     )
     train_ds, val_ds, info = build_datasets(cfg, root)
     num_classes = extras["num_classes"]
+    from_registry = is_registry_uri(cfg.init_checkpoint)
     model = build_model(
         cfg.model,
         num_classes,
-        weights=cfg.weights,
-        weights_backbone=cfg.weights_backbone,
-        checkpoint=cfg.init_checkpoint,
+        weights=None if from_registry else cfg.weights,
+        weights_backbone=None if from_registry else cfg.weights_backbone,
+        checkpoint=None if from_registry else cfg.init_checkpoint,
         **cfg.model_kwargs,
     )
+    if from_registry:
+        load_registered_weights(model, cfg, extras["mlflow_tracking_uri"], num_classes)
     if cfg.bn_momentum is not None:
         set_bn_momentum(model, cfg.bn_momentum)
     ddp_kwargs = {"find_unused_parameters": True} if cfg.task == "instance" else {}

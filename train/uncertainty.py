@@ -15,9 +15,9 @@ Semantic (``probs`` [C, h, w], softmax over C; every value in [0, 1], higher = l
 
 Instance (Mask R-CNN detections with ``score >= score_threshold``):
 
-* ``entropy``: the response's, mean over instances of ``0.5 H2(mask) + 0.5 H2(score)``
-  (``serve_app.postprocess``); 1 when nothing is detected.
-* ``score_entropy`` / ``mask_entropy``: the two terms apart, averaged over instances;
+* ``entropy``: the response's, mean over instances of ``0.5 H2(mask) + 0.5 (1 - score)``
+  (``serve_app.postprocess`` says why not ``H2(score)``); 1 when nothing is detected.
+* ``score_uncertainty`` / ``mask_entropy``: the two terms apart, averaged over instances;
 * ``max_instance_entropy``: the most uncertain instance (one doubtful object in a sure image);
 * ``class_balanced_entropy``: the per-class mean of instance entropies, averaged over classes;
 * ``margin``: ``1 - mean |2 score - 1|``, the score's distance from a coin flip.
@@ -82,18 +82,18 @@ def instance_uncertainty(scores: np.ndarray, mask_entropies: Sequence[float], la
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.size == 0:
-        return {k: 1.0 for k in ("entropy", "score_entropy", "mask_entropy", "max_instance_entropy")} | {
+        return {k: 1.0 for k in ("entropy", "score_uncertainty", "mask_entropy", "max_instance_entropy")} | {
             "class_balanced_entropy": 1.0,
             "margin": 1.0,
         }
-    h_score = binary_entropy(scores)
+    u_score = 1.0 - scores
     h_mask = np.asarray(mask_entropies, dtype=np.float64).reshape(-1)
-    per_instance = 0.5 * h_mask + 0.5 * h_score
+    per_instance = 0.5 * h_mask + 0.5 * u_score
     labels = np.asarray(labels).reshape(-1)
     per_class = [float(per_instance[labels == c].mean()) for c in np.unique(labels)]
     return {
         "entropy": _unit(float(per_instance.mean())),
-        "score_entropy": _unit(float(h_score.mean())),
+        "score_uncertainty": _unit(float(u_score.mean())),
         "mask_entropy": _unit(float(h_mask.mean())),
         "max_instance_entropy": _unit(float(per_instance.max())),
         "class_balanced_entropy": _unit(float(np.mean(per_class))),

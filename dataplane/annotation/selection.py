@@ -37,7 +37,7 @@ SCORE_KEYS = (
     "class_balanced_entropy",
     "margin",
     "top_entropy",
-    "score_entropy",
+    "score_uncertainty",
     "mask_entropy",
     "max_instance_entropy",
 )

@@ -9,10 +9,12 @@ while detection heads want labels 1..K with 0 = background, so both maps are kep
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import json
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,11 +164,33 @@ def validate_coco_dict(data: Any, source: str, img_dir: Path | None) -> dict:
     return data
 
 
+@contextlib.contextmanager
+def quiet_pycocotools() -> Iterator[None]:
+    """Drop pycocotools' progress prints ("creating index...", "DONE (t=0.01s)").
+
+    Redirecting stdout is not enough in a Ray Train worker: Ray patches ``builtins.print`` to
+    log every print, redirected or not. So the builtin is swapped too, for this block only;
+    prints to an explicit file other than stdout still go through.
+    """
+    patched = builtins.print
+
+    def drop(*args: Any, file: Any = None, **kwargs: Any) -> None:
+        if file is not None and file is not sys.stdout:
+            patched(*args, file=file, **kwargs)
+
+    builtins.print = drop
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        builtins.print = patched
+
+
 def coco_from_dict(data: dict) -> COCO:
     """A pycocotools COCO index over an in-memory dict (without its chatter on stdout)."""
     coco = COCO()
     coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_pycocotools():
         coco.createIndex()
     return coco
 

@@ -11,8 +11,6 @@ Targets follow the dataset contract (``boxes``, ``labels``, ``masks`` [M,H,W], o
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -25,6 +23,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segloop.errors import ConfigError, DatasetError, ModelError
+from train.data.coco import quiet_pycocotools
 from train.metrics.semantic import _all_reduce_sum, _dist_ready
 
 __all__ = [
@@ -204,7 +203,7 @@ class CocoEvaluator:
                 continue
             # loadRes mutates records (id, area, ...): hand it copies so accumulate is repeatable.
             dts = [dict(r) for i in img_ids for r in self.results[t][i]]
-            with contextlib.redirect_stdout(io.StringIO()):
+            with quiet_pycocotools():
                 coco_dt = COCO.loadRes(self.coco_gt, dts) if dts else COCO()
                 ev = COCOeval(self.coco_gt, coco_dt, iouType=t)
                 ev.params.imgIds = img_ids

@@ -7,7 +7,6 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from serve_app.postprocess import (
-    binary_entropy,
     class_fractions,
     decode_png,
     encode_png,
@@ -17,6 +16,7 @@ from serve_app.postprocess import (
     pixel_confidence_entropy,
     semantic_fields,
 )
+from train.uncertainty import binary_entropy
 
 
 def test_pixel_confidence_entropy_extremes():

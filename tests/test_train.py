@@ -106,6 +106,47 @@ def test_promotion_rule() -> None:
     assert not decide(float("nan"), 0.5, 0.0)[0]
 
 
+def test_promotion_metric_defaults_per_task_and_names_the_choices(tmp_path: Path) -> None:
+    assert TrainConfig(task="instance", dataset="d").promotion_key == "val_segm_mAP50-95"
+    assert TrainConfig(task="instance", dataset="d").metric == "val_fitness"  # checkpoints stay on fitness
+    assert TrainConfig(task="instance", dataset="d", promotion_metric="val_fitness").promotion_key == "val_fitness"
+    assert TrainConfig(dataset="d").promotion_key == "val_miou"
+    with pytest.raises(
+        ValueError, match=r"not a held-out metric of task 'instance'; expected one of val_segm_mAP50-95"
+    ):
+        TrainConfig(task="instance", dataset="d", promotion_metric="val_miou")
+    with pytest.raises(ValueError, match="models:/NAME@ALIAS"):
+        TrainConfig(dataset="d", init_checkpoint="models:/a/b/c")
+
+
+def test_fine_tuning_starts_from_the_pinned_registered_version(tmp_path: Path) -> None:
+    import mlflow
+    import torch
+
+    from segloop.errors import ModelError
+    from tests.serve_helpers import SEMANTIC, register_model
+    from train.job import pin_init_checkpoint
+    from train.loop import load_registered_weights
+    from train.models import build_model
+
+    register_model(tmp_path, "pets-ft", SEMANTIC, seed=1)  # v1 holds champion
+    register_model(tmp_path, "pets-ft", SEMANTIC, seed=2, alias=None)  # v2 holds nothing
+    cfg = TrainConfig(dataset="d", image_size=64, init_checkpoint="models:/pets-ft@champion")
+    pinned = pin_init_checkpoint(cfg)
+    assert pinned.init_checkpoint == "models:/pets-ft/1" and pin_init_checkpoint(pets_cfg(tmp_path, tmp_path)) == (
+        pets_cfg(tmp_path, tmp_path)
+    )
+    model = build_model(cfg.model, 3)
+    load_registered_weights(model, pinned, mlflow.get_tracking_uri(), 3)
+    torch.manual_seed(1)
+    want = build_model(cfg.model, 3).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ModelError, match=r"models:/pets-ft/1 \(version 1\) is a lraspp_mobilenet_v3_large with 3"):
+        load_registered_weights(build_model(cfg.model, 5), pinned, mlflow.get_tracking_uri(), 5)
+    with pytest.raises(ModelError, match="no version with alias 'gone'"):
+        pin_init_checkpoint(cfg.model_copy(update={"init_checkpoint": "models:/pets-ft@gone"}))
+
+
 # ----------------------------------------------------------------------------- Ray
 def test_too_many_workers_is_rejected(ray_cluster, pets_root: Path, data_dir: Path) -> None:
     from train.run import check_resources

@@ -129,6 +129,7 @@ def run_batch(
                 fields[CAPTURE_KEY] = capture_signals(out, score_threshold)
             except Exception:  # noqa: BLE001 - capture never fails a prediction: no signals for this one
                 logger.exception("capture signals failed; the prediction is answered without them")
+                fields[CAPTURE_KEY] = {}
         results.append({**fields, "model": model, "model_version": predictor.version})
     return results, forward_s
 
@@ -309,9 +310,16 @@ class SegModel:
         return result
 
     def _capture(self, image_bytes: bytes, result: dict[str, Any], signals: dict[str, Any] | None) -> None:
-        """Active-learning capture: never blocks or raises (bounded queue, background writer)."""
-        if self._capturer is not None:
-            self._capturer.offer(image_bytes, None, {**result, **(signals or {})})
+        """Active-learning capture: never blocks or raises (bounded queue, background writer).
+
+        ``signals`` None: the batch ran while capture was off. If the policy came on meanwhile,
+        the image is not offered: a record without its statistics and embedding would be ranked
+        by entropy alone and refused by kcenter/badge. (While it stays off, the offer counts it
+        as skipped, as before.)
+        """
+        if self._capturer is None or (signals is None and self._capturer.policy.mode != "off"):
+            return
+        self._capturer.offer(image_bytes, None, {**result, **(signals or {})})
 
     def __del__(self) -> None:
         if getattr(self, "_capturer", None) is not None:

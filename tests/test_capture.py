@@ -392,3 +392,21 @@ def test_mask_base64_and_unknown_format_are_handled(tmp_path):
         assert cap.flush(10)
     exts = sorted(k.rsplit(".", 1)[-1] for k in store.list("captures/") if not k.endswith((".json", ".mask.png")))
     assert exts == ["png", "webp"]
+
+
+def test_a_batch_that_ran_before_capture_came_on_is_not_stored_without_its_signals(tmp_path):
+    """The race at an alert: a batch starts with capture off (no statistics computed), the policy
+    comes on before its images are offered. They are left out, not stored without statistics."""
+    from dataplane.annotation import list_captures
+    from serve_app.model import SegModel
+
+    capture_hook = SegModel.func_or_class._capture
+    store = LocalStore(tmp_path / "s")
+    with Capturer(store, ALL) as cap:
+        replica = type("Replica", (), {"_capturer": cap})()
+        capture_hook(replica, b"ran-while-off", instance_record(0.9), None)
+        signals = {"uncertainty": {"entropy": 0.9}, "embedding": None}
+        capture_hook(replica, b"ran-while-on", instance_record(0.8), signals)
+        assert cap.flush(20)
+    (rec,) = list_captures(store)
+    assert rec.meta["uncertainty"] == {"entropy": 0.9} and rec.entropy == 0.8

@@ -48,10 +48,16 @@ def check_log(log: str) -> None:
     assert re.search(r"job \S+: SUCCEEDED on coco@", log), log[-6000:]
     assert "the retraining job will: init_checkpoint=models:/segloop-coco@champion" in log
     m = re.search(r"\| held-out score \(same data\) \| ([0-9.]+) \| ([0-9.]+) \|", log)
-    assert m and float(m[2]) > float(m[1]), log[-3000:]
+    assert m, log[-3000:]
     assert "(held-out score: val_segm_mAP50-95" in log
-    assert re.search(r"v2: promoted", log), log[-3000:]
-    assert re.search(r"Serve answers with v2 \(champion v2\)", log), log[-3000:]
+    # promoted exactly when its held-out segm mAP is higher (margin 0); at this small size a few
+    # fine-tuning epochs do not always beat v1 (measured: 2 of 3 runs did), and either way the rule holds
+    if float(m[2]) > float(m[1]):
+        assert re.search(r"v2: promoted", log), log[-3000:]
+        assert re.search(r"Serve answers with v2 \(champion v2\)", log), log[-3000:]
+    else:
+        assert re.search(r"v2: rejected — challenger \S+ does not beat champion", log), log[-3000:]
+        assert re.search(r"Serve answers with v1 \(champion v1\)", log), log[-3000:]
     assert re.search(r"failed requests: 0\b", log)
     assert "creating index" not in log and "DONE (t=" not in log  # pycocotools' chatter stays out
 

@@ -9,6 +9,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from train.model_ref import is_registry_uri, parse_model_uri
+
 # --------------------------------------------------------------------------------------
 # The training job's config (``python -m train --config X.yaml key=value ...``).
 # --------------------------------------------------------------------------------------
@@ -105,9 +107,7 @@ class TrainConfig(BaseModel):
             raise ValueError("ce_weight and dice_weight cannot both be 0")
         if not self.dataset and not self.dataset_version:
             raise ValueError("set either `dataset` (a local directory) or `dataset_version` (an object-store version)")
-        if self.init_checkpoint and self.init_checkpoint.startswith("models:"):
-            from train.model_ref import parse_model_uri
-
+        if is_registry_uri(self.init_checkpoint):
             parse_model_uri(self.init_checkpoint)  # its ValueError names the accepted forms
         allowed = PROMOTION_METRICS[self.task]
         if self.promotion_metric is not None and self.promotion_metric not in allowed:

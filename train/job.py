@@ -362,8 +362,7 @@ def run(cfg: TrainConfig) -> TrainResult:
 def pin_init_checkpoint(cfg: TrainConfig) -> TrainConfig:
     """``models:/NAME@ALIAS`` -> ``models:/NAME/V`` as it is now: every worker, and every restart
     after a failure, fine-tunes from the same weights, and the run's params say which."""
-    from train.loop import is_registry_uri
-    from train.model_ref import parse_model_uri
+    from train.model_ref import is_registry_uri, parse_model_uri
     from train.registry import resolve_version
 
     if not is_registry_uri(cfg.init_checkpoint):

@@ -45,6 +45,7 @@ from train.engine import (
     train_one_epoch,
 )
 from train.losses import SegmentationLoss
+from train.model_ref import is_registry_uri
 from train.models import build_model
 from train.transforms import eval_transforms, train_transforms
 
@@ -239,10 +240,6 @@ class Progress:
     stale: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     resumed: bool = False
-
-
-def is_registry_uri(uri: str | None) -> bool:
-    return bool(uri) and uri.startswith("models:")
 
 
 def load_registered_weights(model: torch.nn.Module, cfg: TrainConfig, tracking_uri: str, num_classes: int) -> None:

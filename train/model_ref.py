@@ -17,6 +17,11 @@ META_FILE = "segloop_model.json"
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?$")
 
 
+def is_registry_uri(uri: str | None) -> bool:
+    """A ``models:`` URI (a registered model) rather than a checkpoint path."""
+    return bool(uri) and uri.startswith("models:")
+
+
 def parse_model_uri(uri: str) -> tuple[str, str, str | None]:
     """``models:/NAME@alias`` -> ("registry", NAME, alias); ``models:/NAME/3`` -> ("registry", NAME, "3");
     ``models:/NAME`` -> the champion; ``checkpoint:/path.pt`` -> ("checkpoint", path, None)."""

@@ -5,17 +5,23 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Label Studio's server pins Django, pyarrow, pytz ...: it gets a virtual environment of its own.
+LS_VENV  := .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.installed
+LABEL_STUDIO_VERSION := 1.23.2
 DATA   ?= .segloop
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 TASK ?= pets
 
-.PHONY: help install system-deps demo demo-cluster lint test test-long test-fast prometheus bench clean
+.PHONY: help install install-all label-studio-venv label-studio system-deps demo demo-cluster lint test test-long test-fast prometheus bench clean
 
 help:
 	@echo "make demo   - install and run the whole loop locally (data, train, serve, monitor, retrain, promote)"
 	@echo "make demo TASK=coco - the same loop for instance segmentation (COCO8-seg layout, Mask R-CNN)"
 	@echo "make demo-cluster - the same loop on a simulated two-node cluster that shares no disk (root)"
+	@echo "make demo DEMO_ARGS='--label-studio --simulate-annotator' - annotate in a local Label Studio"
+	@echo "make label-studio - run a local Label Studio on 127.0.0.1:8080 (own venv, data in .segloop/label-studio)"
 	@echo "make test   - install and run the test suite"
 	@echo "make test-fast - tests without those marked slow"
 	@echo "make test-long - the long tests (the COCO config's Mask R-CNN run, ~7 min)"
@@ -30,7 +36,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP) system-deps
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q label-studio==$(LABEL_STUDIO_VERSION)
+	touch $(LS_STAMP)
+
+label-studio-venv: $(LS_STAMP)
+
+# Both environments install side by side (2 cores: Label Studio's hides behind torch's).
+install:
+	@$(MAKE) --no-print-directory -j2 install-all
+
+install-all: $(STAMP) $(LS_STAMP) system-deps
+
+label-studio: install
+	$(VENV)/bin/segloop queue label-studio --data-dir $(DATA)/label-studio --port 8080
 
 # Prometheus and promtool come from Debian's package (used by the monitoring tests and `make prometheus`).
 system-deps:
@@ -72,4 +93,4 @@ bench: install
 	$(PY) bench/label_efficiency.py
 
 clean:
-	rm -rf $(VENV) $(DATA) .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) $(DATA) .pytest_cache

@@ -30,6 +30,9 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line("markers", "faults: a fault caused for real (a killed process, a locked store, a race)")
     config.addinivalue_line(
+        "markers", "labelstudio: talks to a real Label Studio server (from .venv-labelstudio, started once per session)"
+    )
+    config.addinivalue_line(
         "markers", "long: over the CI time budget on 2 cores (6+ min); runs with SEGLOOP_LONG_TESTS=1 (make test-long)"
     )
 
@@ -50,10 +53,39 @@ def wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that start their own Ray cluster run before the session cluster exists: two local
-    clusters on one machine would fight over the dashboard agent's fixed port (52365)."""
+    clusters on one machine would fight over the dashboard agent's fixed port (52365).
+
+    When Label Studio tests were collected, its server starts now, in the background: its
+    first start migrates a fresh database (~30 s), which then overlaps the other tests."""
     items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is None)
+    if any(item.get_closest_marker("labelstudio") for item in items):
+        import tempfile
+
+        from dataplane.annotation.ls_server import launch_label_studio
+        from segloop.errors import ConfigError
+
+        try:
+            _LABEL_STUDIO["server"] = launch_label_studio(Path(tempfile.mkdtemp(prefix="segloop-ls-")))
+        except ConfigError as err:
+            _LABEL_STUDIO["error"] = str(err)
+
+
+_LABEL_STUDIO: dict = {}
+
+
+@pytest.fixture(scope="session")
+def label_studio():
+    """The session's Label Studio server (LocalLabelStudio: url, api_key), up and answering."""
+    from dataplane.annotation.ls_server import wait_until_up
+
+    server = _LABEL_STUDIO.get("server")
+    if server is None:
+        pytest.fail(_LABEL_STUDIO.get("error", "Label Studio was not started (no test marked labelstudio?)"))
+    wait_until_up(server, timeout_s=240, quiet=True)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +159,9 @@ def _isolated_mlflow_uri():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    server = _LABEL_STUDIO.pop("server", None)
+    if server is not None:
+        server.stop()

@@ -1,5 +1,8 @@
-"""``segloop queue [--store URL] list|export|simulate|import|prune`` (also ``python -m dataplane.annotation``;
-store from ``--store``, else ``SEGLOOP_STORE``, else ``./.segloop/store``).
+"""``segloop queue [--store URL] list|export|push|pull|label-studio|simulate|import|prune`` (also
+``python -m dataplane.annotation``; store from ``--store``, else ``SEGLOOP_STORE``, else ``./.segloop/store``).
+
+``push``/``pull`` drive a Label Studio server (:mod:`.ls_project`; API key from LABEL_STUDIO_API_KEY);
+``label-studio`` starts a local one (:mod:`.ls_server`).
 
 Exit codes: 0 ok, 1 store failure, 2 bad input (flags, captures, annotations).
 """
@@ -9,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING, Optional
 from dataplane.annotation.exporter import export
 from dataplane.annotation.formats import FORMATS, read_json
 from dataplane.annotation.importer import import_annotations
+from dataplane.annotation.ls_project import LabelStudioTarget
 from dataplane.annotation.records import get_capture, iso, list_captures
 from dataplane.annotation.selection import SCORE_KEYS, STRATEGIES, Rescorer, SelectionSpec
 from dataplane.annotation.simulate import simulate_annotation, truth_from_dataset
@@ -71,6 +77,44 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--image-url-prefix", default="images/", help="prefix of data.image in the Label Studio tasks")
+    ls_args = argparse.ArgumentParser(add_help=False)
+    ls_args.add_argument(
+        "--label-studio",
+        metavar="URL",
+        default=os.environ.get("LABEL_STUDIO_URL", "http://127.0.0.1:8080"),
+        help="the Label Studio server (default $LABEL_STUDIO_URL or http://127.0.0.1:8080); "
+        "API key from $LABEL_STUDIO_API_KEY",
+    )
+    ls_args.add_argument("--project", default="segloop annotation queue", help="the Label Studio project's title")
+    p = sub.add_parser(
+        "push",
+        parents=[common, filters, ls_args],
+        help="send a batch chosen by a selection strategy to a Label Studio project, predictions as pre-annotations",
+    )
+    _selection_args(p)
+    p.add_argument(
+        "--storage-endpoint",
+        metavar="URL",
+        help="the S3 endpoint as Label Studio and annotators' browsers reach it (default: the store's)",
+    )
+    p.add_argument(
+        "--document-root",
+        default="/",
+        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for a local store (default /)",
+    )
+    p = sub.add_parser(
+        "pull",
+        parents=[common, ls_args],
+        help="finished Label Studio annotations -> a new dataset version (all or nothing)",
+    )
+    p.add_argument("dataset")
+    p.add_argument("--split", help="default: trainval (semantic) / train (instance)")
+    p = sub.add_parser(
+        "label-studio",
+        help="run a local Label Studio on 127.0.0.1 (from .venv-labelstudio) until Ctrl-C",
+    )
+    p.add_argument("--data-dir", default=".segloop/label-studio", help="its SQLite database, media and credentials")
+    p.add_argument("--port", type=int, default=8080)
     p = sub.add_parser(
         "simulate", parents=[common], help="write ground-truth annotations for an export (demo annotator)"
     )
@@ -176,13 +220,19 @@ def _cmd_list(store: ObjectStore, args: argparse.Namespace) -> None:
     print(f"{len(recs)} capture(s) in {store.describe()}", file=sys.stderr)
 
 
+def _rescorer(
+    args: argparse.Namespace, store: ObjectStore, rescorer_factory: Optional[RescorerFactory]
+) -> Optional[Rescorer]:
+    if not args.rescore:
+        return None
+    if rescorer_factory is None:
+        raise ConfigError(f"--rescore needs the model code: run it as `segloop queue {args.cmd} ... --rescore URI`")
+    return rescorer_factory(args.rescore, store)
+
+
 def _cmd_export(store: ObjectStore, args: argparse.Namespace, rescorer_factory: Optional[RescorerFactory]) -> None:
     spec = _selection(args)
-    rescore = None
-    if args.rescore:
-        if rescorer_factory is None:
-            raise ConfigError("--rescore needs the model code: run it as `segloop queue export ... --rescore URI`")
-        rescore = rescorer_factory(args.rescore, store)
+    rescore = _rescorer(args, store, rescorer_factory)
     res = export(
         store,
         args.out,
@@ -203,6 +253,83 @@ def _cmd_export(store: ObjectStore, args: argparse.Namespace, rescorer_factory: 
         + f") to {res.out_dir}: {res.label_studio.name}, {res.coco.name}"
         + (", trimaps/" if res.trimaps else "")
     )
+
+
+def _target(args: argparse.Namespace) -> LabelStudioTarget:
+    return LabelStudioTarget(
+        args.label_studio,
+        args.project,
+        storage_endpoint=getattr(args, "storage_endpoint", None),
+        document_root=getattr(args, "document_root", "/"),
+    )
+
+
+def _cmd_push(store: ObjectStore, args: argparse.Namespace, rescorer_factory: Optional[RescorerFactory]) -> None:
+    from dataplane.annotation.exporter import select_batch
+    from dataplane.annotation.ls_project import find_project, project_tasks, push
+
+    spec = _selection(args)
+    target = _target(args)
+    ls = target.client()
+    project = find_project(ls, target.project)
+    present = (
+        {str((t.get("data") or {}).get("capture_id")) for t in project_tasks(ls, project.id)} if project else set()
+    )
+    rescore = _rescorer(args, store, rescorer_factory)
+    chosen = select_batch(
+        store,
+        spec,
+        args.task,
+        args.since,
+        args.until,
+        args.model_version,
+        exclude=_exclude(store, args.exclude_dataset),
+        rescore=rescore,
+        skip=frozenset(present),
+    )
+    scores = {r.id: p.uncertainty for r, p in zip(chosen.records, chosen.picks)}
+    res = push(store, target, chosen.records, scores)
+    for prob in chosen.problems + res.problems:
+        print(f"warning: left out: {prob}", file=sys.stderr)
+    print(
+        f"pushed {len(res.added)} task(s) chosen by {spec.strategy} ({spec.score}) to Label Studio project "
+        f"{res.project_id} ({len(present)} it already had were not candidates): {res.project_url}"
+    )
+
+
+def _cmd_pull(store: ObjectStore, args: argparse.Namespace) -> None:
+    from dataplane.annotation.ls_project import pull
+
+    manifest, status = pull(store, _target(args), args.dataset, split=args.split)
+    if manifest is None:
+        print(
+            f"nothing new to pull from Label Studio project {status.project_id}: no finished annotation that "
+            f"{args.dataset} does not hold ({status.waiting} task(s) unfinished or skipped)"
+        )
+        return
+    added = manifest.notes.get("import", {}).get("captures", [])
+    print(
+        f"{manifest.ref}  parent={manifest.parent}  +{len(added)} sample(s) from Label Studio project "
+        f"{status.project_id}; {status.waiting} task(s) unfinished or skipped stay there"
+    )
+
+
+def _cmd_label_studio(args: argparse.Namespace) -> int:
+    from dataplane.annotation.ls_server import start_label_studio
+
+    server = start_label_studio(args.data_dir, port=args.port)
+    print(
+        f"Label Studio: {server.url}  (log in as {server.username}; the password and API key are in "
+        f"{server.data_dir / 'credentials.json'}, or set LABEL_STUDIO_PASSWORD / LABEL_STUDIO_API_KEY)"
+    )
+    try:
+        while server.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
 
 
 def _cmd_simulate(store: ObjectStore, args: argparse.Namespace) -> None:
@@ -246,6 +373,7 @@ COMMANDS: dict[str, Callable[[ObjectStore, argparse.Namespace], None]] = {
     "list": _cmd_list,
     "simulate": _cmd_simulate,
     "import": _cmd_import,
+    "pull": _cmd_pull,
     "prune": _cmd_prune,
 }
 
@@ -260,8 +388,11 @@ def main(argv: Optional[Sequence[str]] = None, rescorer_factory: Optional[Rescor
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    if args.cmd == "export":
-        return run_store_command(getattr(args, "store", None), lambda store: _cmd_export(store, args, rescorer_factory))
+    if args.cmd == "label-studio":
+        return _cmd_label_studio(args)
+    if args.cmd in ("export", "push"):
+        cmd = _cmd_export if args.cmd == "export" else _cmd_push
+        return run_store_command(getattr(args, "store", None), lambda store: cmd(store, args, rescorer_factory))
     return run_store_command(getattr(args, "store", None), lambda store: COMMANDS[args.cmd](store, args))
 
 

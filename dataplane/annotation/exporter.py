@@ -103,8 +103,7 @@ def export(
     """
     chosen: Optional[Selection] = None
     if records is None and selection is not None:
-        pool = list_captures(store, since, until, model_version, task=task)
-        chosen = _select(store, pool, exclude, selection, rescore)
+        chosen = select_batch(store, selection, task, since, until, model_version, exclude=exclude, rescore=rescore)
         records = chosen.records
     if records is None:
         if not isinstance(top, int) or top < 1:
@@ -137,19 +136,30 @@ def export(
     return ExportResult(out, task, [item.rec for item in items], ls_path, coco_path, trimap_dir, problems)
 
 
-def _select(
+def select_batch(
     store: ObjectStore,
-    pool: list[CaptureRecord],
-    exclude: Optional[Manifest],
     spec: SelectionSpec,
-    rescore: Optional[Rescorer],
+    task: Optional[str] = None,
+    since: Any = None,
+    until: Any = None,
+    model_version: Optional[str] = None,
+    *,
+    exclude: Optional[Manifest] = None,
+    rescore: Optional[Rescorer] = None,
+    skip: frozenset[str] = frozenset(),
 ) -> Selection:
-    """The batch ``spec`` chooses from ``pool``. What is labelled: the captures already in
+    """The batch ``spec`` chooses from the captures matching the filters, leaving out ``skip``
+    (e.g. already in a Label Studio project). What is labelled: the captures already in
     ``exclude`` and, when re-scoring for kcenter/badge, every image of that dataset version."""
+    pool = [r for r in list_captures(store, since, until, model_version, task=task) if r.id not in skip]
     done = sample_names(exclude) if exclude is not None else set()
     candidates = [r for r in pool if r.id not in done]
     if not candidates:
-        raise DatasetError(f"no captures to select from in {store.describe()} (all {len(pool)} already annotated)")
+        raise DatasetError(
+            f"no captures to select from in {store.describe()} (all {len(pool)} already annotated"
+            + (f"; {len(skip)} already sent to annotators" if skip else "")
+            + ")"
+        )
     labelled = [r for r in pool if r.id in done]
     embed = rescore is not None and exclude is not None and spec.strategy in NEEDS_EMBEDDINGS
     return select_captures(candidates, spec, labelled, rescore, rescore.dataset(exclude) if embed else None)

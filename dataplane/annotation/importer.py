@@ -36,6 +36,7 @@ from segloop.errors import ConfigError, DatasetError, StoreError
 if TYPE_CHECKING:
     from dataplane.versions import Manifest
 
+Source = Union[Path, labelstudio.TaskList]  # a file or directory, or tasks pulled from a server
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -60,7 +61,7 @@ def import_annotations(
     store: ObjectStore,
     dataset_name: str,
     parent_version: Union[str, Manifest, None],
-    annotations_path: Union[str, os.PathLike],
+    annotations_path: Union[str, os.PathLike, labelstudio.TaskList],
     fmt: str = "auto",
     split: Optional[str] = None,
     *,
@@ -88,7 +89,7 @@ def import_annotations(
     """
     from dataplane.versions import RebaseConflict
 
-    path = Path(annotations_path)
+    path = annotations_path if isinstance(annotations_path, labelstudio.TaskList) else Path(annotations_path)
     follow = parent_version is None or parent_version == "latest"
     for attempt in range(IMPORT_ATTEMPTS):
         try:
@@ -114,7 +115,7 @@ class _Options:
 
 
 def _import_once(
-    store: ObjectStore, dataset_name: str, parent_version: Union[str, Manifest, None], path: Path, opts: _Options
+    store: ObjectStore, dataset_name: str, parent_version: Union[str, Manifest, None], path: Source, opts: _Options
 ) -> Manifest:
     """One validate-and-add pass of :func:`import_annotations` onto the parent as it is now."""
     from dataplane.versions import add_samples
@@ -168,7 +169,7 @@ def _resolve(
     store: ObjectStore,
     dataset_name: str,
     parent_version: Union[str, Manifest, None],
-    path: Path,
+    path: Source,
     fmt: str,
     split: Optional[str],
 ) -> tuple[Manifest, str, str]:
@@ -186,19 +187,25 @@ def _resolve(
     split = split or ("trainval" if task == "semantic" else "train")
     if not SPLIT_NAME.fullmatch(split):
         raise ConfigError(f"invalid split name {split!r}")
+    if isinstance(path, labelstudio.TaskList):
+        if fmt not in ("auto", "labelstudio"):
+            raise ConfigError(f"{path} holds Label Studio tasks, not {fmt}")
+        fmt = "labelstudio"
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "trimaps" and task != "semantic":
         raise DatasetError(f"trimap PNGs only annotate semantic datasets; {parent.ref} is {task}")
     return parent, fmt, split
 
 
-def _parse(path: Path, fmt: str, problems: list[str]) -> tuple[list[ParsedAnnotation], list[str]]:
+def _parse(path: Source, fmt: str, problems: list[str]) -> tuple[list[ParsedAnnotation], list[str]]:
     """``(annotations, ids of unannotated tasks)`` in ``path``; per-sample problems are collected."""
     skipped: list[str] = []
     if fmt == "trimaps":
         if not path.is_dir():
             raise DatasetError(f"trimap import needs a directory of <id>.png files, got {path}")
         anns = trimaps.parse_trimaps(path)
+    elif isinstance(path, labelstudio.TaskList):
+        anns, skipped = labelstudio.parse_tasks(path.tasks, path.source, problems)
     elif fmt == "labelstudio":
         anns, skipped = labelstudio.parse_labelstudio(path, problems)
     else:

@@ -1,18 +1,23 @@
-"""Label Studio tasks: pre-annotations out, an annotator's export back in.
+"""Label Studio tasks: pre-annotations out, an annotator's work back in.
 
-Semantic pre-annotations are polygons (brush RLE is Label Studio's own bit-packed
-format): outer contours of the predicted pet as ``pet`` regions and holes as
-``background`` regions, largest first. The contour follows the middle of the predicted
-border band; on import, regions are painted in order and the border band is derived
-again with the Oxford/synth rule (``dataplane.trimap.pet_trimap``), unless ``border``
-regions are drawn explicitly. Points are percentages of the image size, as Label Studio
-stores them.
+Two region kinds, both read back: polygons (``PolygonLabels "label"``, points in percent
+of the image size, as Label Studio stores them) and brush masks (``BrushLabels "brush"``,
+Label Studio's bit-packed RLE, :func:`dataplane.masks.brush_rle_encode`). The export file
+writes polygons (small, readable): outer contours of the predicted pet as ``pet`` regions
+and holes as ``background`` regions, largest first, along the middle of the predicted
+border band. A push to a Label Studio server writes brush masks, which are exact: a
+trimap as its ``pet`` and ``border`` pixels, an instance as its mask.
+
+On import, regions are painted in order (``pet`` adds, ``background`` cuts). When no
+``border`` region is drawn the border band is derived with the Oxford/synth rule
+(``dataplane.trimap.pet_trimap``); when one is, the drawn band is the border.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -21,7 +26,7 @@ import numpy as np
 from dataplane.annotation.formats import Instance, ParsedAnnotation, read_json
 from dataplane.annotation.trimaps import trimap_from_pet_mask
 from dataplane.capture import find_capture_id
-from dataplane.masks import mask_polygons, rasterize_polygon
+from dataplane.masks import brush_rle_decode, brush_rle_encode, mask_polygons, rasterize_polygon
 from dataplane.trimap import band_radius, dilate
 from segloop.errors import DatasetError
 
@@ -43,7 +48,7 @@ def export_labels(task: str, class_names: Sequence[str]) -> list[str]:
 
 
 def label_studio_config(labels: Sequence[str]) -> str:
-    """The Label Studio labelling config matching the exported tasks."""
+    """The labelling config of exported and pushed tasks: polygons (``label``) and brush (``brush``)."""
     rows = "\n".join(
         f'    <Label value="{_xml(lab)}" background="{COLOURS[i % len(COLOURS)]}"/>' for i, lab in enumerate(labels)
     )
@@ -53,6 +58,9 @@ def label_studio_config(labels: Sequence[str]) -> str:
         '  <PolygonLabels name="label" toName="image" strokeWidth="2" pointSize="small" opacity="0.4">\n'
         f"{rows}\n"
         "  </PolygonLabels>\n"
+        '  <BrushLabels name="brush" toName="image">\n'
+        f"{rows}\n"
+        "  </BrushLabels>\n"
         "</View>\n"
     )
 
@@ -64,24 +72,84 @@ def _xml(s: str) -> str:
 def write_tasks(
     path: Path, items: Sequence[ExportItem], task: str, labels: Sequence[str], image_url_prefix: str
 ) -> None:
-    """One Label Studio task per item, the prediction as its ``predictions[0]``."""
-    tasks = []
-    for n, item in enumerate(items, 1):
-        rec, w, h = item.rec, item.image.width, item.image.height
-        if task == "semantic":
-            results = semantic_regions(item.trimap, w, h)
-        else:
-            results = instance_regions(item.instances, labels, w, h)
-        data = {
-            "image": f"{image_url_prefix}{item.file}",
-            "capture_id": rec.id,
-            "entropy": rec.entropy,
-            "confidence": rec.confidence,
-            "model_version": rec.model_version,
-        }
-        prediction = {"model_version": str(rec.model_version), "score": rec.confidence, "result": results}
-        tasks.append({"id": n, "data": data, "predictions": [prediction]})
+    """One Label Studio task per item, the prediction (polygons, scored by confidence) as its ``predictions[0]``."""
+    tasks = [
+        dict(task_json(item, task, labels, f"{image_url_prefix}{item.file}", item.rec.confidence), id=n)
+        for n, item in enumerate(items, 1)
+    ]
     path.write_text(json.dumps(tasks, indent=1))
+
+
+def task_json(
+    item: ExportItem,
+    task: str,
+    labels: Sequence[str],
+    image_url: str,
+    score: Optional[float],
+    brush: bool = False,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
+    """A Label Studio task for one capture: its image, what identifies it, and the model's prediction."""
+    rec = item.rec
+    data = {
+        "image": image_url,
+        "capture_id": rec.id,
+        "entropy": rec.entropy,
+        "confidence": rec.confidence,
+        "model_version": rec.model_version,
+        **dict(extra or {}),
+    }
+    prediction = {
+        "model_version": str(rec.model_version),
+        "score": score,
+        "result": prediction_regions(item, task, labels, brush),
+    }
+    return {"data": data, "predictions": [prediction]}
+
+
+def prediction_regions(item: ExportItem, task: str, labels: Sequence[str], brush: bool = False) -> list[dict[str, Any]]:
+    """The model's prediction of one item as Label Studio regions: polygons, or exact brush masks."""
+    w, h = item.image.width, item.image.height
+    if brush:
+        if task == "semantic":
+            return semantic_brush_regions(item.trimap, w, h)
+        return instance_brush_regions(item.instances, labels, w, h)
+    if task == "semantic":
+        return semantic_regions(item.trimap, w, h)
+    return instance_regions(item.instances, labels, w, h)
+
+
+def semantic_brush_regions(trimap: Optional[np.ndarray], w: int, h: int) -> list[dict[str, Any]]:
+    """A trimap as a ``pet`` and a ``border`` brush mask (background is what is left): exact."""
+    if trimap is None:
+        return []
+    masks = (("pet", trimap == 1), ("border", trimap == 3))
+    return [brush_region(m, label, w, h, k, None) for k, (label, m) in enumerate(masks) if m.any()]
+
+
+def instance_brush_regions(
+    instances: Sequence[PredictedInstance], labels: Sequence[str], w: int, h: int
+) -> list[dict[str, Any]]:
+    """One brush mask per predicted instance of a known class, with its score."""
+    keep = [i for i in instances if i.name in labels and i.mask.any()]
+    return [brush_region(i.mask, str(i.name), w, h, k, i.score) for k, i in enumerate(keep)]
+
+
+def brush_region(mask: np.ndarray, label: str, w: int, h: int, n: int, score: Optional[float]) -> dict[str, Any]:
+    """A ``brushlabels`` region holding ``mask`` as Label Studio brush RLE."""
+    out = {
+        "id": f"b{n}",
+        "from_name": "brush",
+        "to_name": "image",
+        "type": "brushlabels",
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": brush_rle_encode(mask), "brushlabels": [label]},
+    }
+    if score is not None:
+        out["score"] = float(score)
+    return out
 
 
 def semantic_regions(trimap: np.ndarray, w: int, h: int) -> list[dict[str, Any]]:
@@ -133,18 +201,43 @@ def region(points: np.ndarray, label: str, w: int, h: int, n: int, score: Option
 # ----------------------------------------------------------------------------- import
 
 
-def parse_labelstudio(path: Path, problems: list[str]) -> tuple[list[ParsedAnnotation], list[str]]:
-    """``(annotations, ids of tasks nobody annotated)`` of a Label Studio JSON export.
+@dataclass(frozen=True)
+class TaskList:
+    """Label Studio tasks read from a server, named by where they came from: an import source."""
 
-    The last non-cancelled annotation of a task counts; tasks that cannot be matched to a
-    capture are added to ``problems``.
-    """
+    tasks: list[dict[str, Any]]
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.source
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def parse_labelstudio(path: Path, problems: list[str]) -> tuple[list[ParsedAnnotation], list[str]]:
+    """``(annotations, ids of tasks nobody annotated)`` of a Label Studio JSON export file."""
     data = read_json(path)
     if not isinstance(data, list):
         raise DatasetError(f"{path}: a Label Studio export is a JSON list of tasks, got {type(data).__name__}")
+    return parse_tasks(data, str(path), problems)
+
+
+def parse_tasks(tasks: Sequence[Any], source: str, problems: list[str]) -> tuple[list[ParsedAnnotation], list[str]]:
+    """``(annotations, ids of tasks without a finished annotation)`` of Label Studio tasks.
+
+    The last annotation that was not cancelled (skipped) counts; tasks that cannot be
+    matched to a capture are added to ``problems``. Each annotation is named by its capture
+    and its task (the task id when it has one) in every later problem.
+    """
     anns, skipped = [], []
-    for i, t in enumerate(data):
-        where = f"{path} task[{i}]"
+    for i, t in enumerate(tasks):
+        where = (
+            f"{source} task {t['id']}"
+            if isinstance(t, dict) and isinstance(t.get("id"), int)
+            else f"{source} task[{i}]"
+        )
         if not isinstance(t, dict) or not isinstance(t.get("data"), dict):
             problems.append(f"{where}: not a Label Studio task (needs a 'data' object)")
             continue
@@ -156,7 +249,7 @@ def parse_labelstudio(path: Path, problems: list[str]) -> tuple[list[ParsedAnnot
                 f"{where}: cannot tell which capture it is (no data.capture_id, no capture id in data.image)"
             )
             continue
-        where = f"sample {cid} ({path} task[{i}])"
+        where = f"sample {cid} ({where})"
         done = [a for a in t.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
         if not done:
             skipped.append(cid)
@@ -170,55 +263,80 @@ def parse_labelstudio(path: Path, problems: list[str]) -> tuple[list[ParsedAnnot
 
 
 def regions_to_trimap(result: list, h: int, w: int, where: str) -> np.ndarray:
-    """Polygon regions painted in order (pet adds, background cuts) -> trimap (see module doc)."""
+    """Regions painted in order (pet adds, background cuts) -> trimap (see module doc)."""
     pet = np.zeros((h, w), bool)
     border = np.zeros((h, w), bool)
-    for k, label, mask in _polygons(result, h, w, where):
+    drew_border = False
+    for k, label, mask in _region_masks(result, h, w, where):
         if label == "pet":
             pet |= mask
         elif label == "background":
             pet &= ~mask
         elif label == "border":
             border |= mask
+            drew_border = True
         else:
             raise DatasetError(f"{where}: result[{k}] has unknown class {label!r} (known: pet, background, border)")
-    trimap = trimap_from_pet_mask(pet)
+    if not drew_border:
+        return trimap_from_pet_mask(pet)
+    trimap = np.where(pet, 1, 2).astype(np.uint8)
     trimap[border] = 3
     return trimap
 
 
 def regions_to_instances(result: list, h: int, w: int, where: str, known: Mapping[str, int]) -> list[Instance]:
-    """One instance per polygon region; its label must be a category of the dataset."""
+    """One instance per polygon or brush region; its label must be a category of the dataset."""
     out = []
-    for k, label, mask in _polygons(result, h, w, where):
+    for k, label, mask in _region_masks(result, h, w, where):
         if label not in known:
             raise DatasetError(f"{where}: result[{k}] has unknown class {label!r} (known: {', '.join(known)})")
         out.append(Instance(label, mask, 0))
     return out
 
 
-def _polygons(result: list, h: int, w: int, where: str) -> Iterator[tuple[int, str, np.ndarray]]:
-    """``(index, label, mask)`` of each polygon region; other region kinds are refused."""
+def _region_masks(result: list, h: int, w: int, where: str) -> Iterator[tuple[int, str, np.ndarray]]:
+    """``(index, label, mask)`` of each polygon or brush region; other region kinds are refused."""
     for k, reg in enumerate(result):
         if not isinstance(reg, dict):
             raise DatasetError(f"{where}: result[{k}] is not a region object")
         rtype = str(reg.get("type", ""))
-        if rtype != "polygonlabels":
-            if rtype.endswith("labels"):
-                raise DatasetError(f"{where}: result[{k}] is a {rtype} region; only polygonlabels can be imported")
-            continue  # choices, textarea, ratings: not regions
-        label, mask = _polygon_mask(reg, h, w, f"{where}: result[{k}]")
-        yield k, label, mask
+        if rtype == "polygonlabels":
+            yield k, *_polygon_mask(reg, h, w, f"{where}: result[{k}]")
+        elif rtype == "brushlabels":
+            yield k, *_brush_mask(reg, h, w, f"{where}: result[{k}]")
+        elif rtype.endswith("labels"):
+            raise DatasetError(
+                f"{where}: result[{k}] is a {rtype} region; only polygonlabels and brushlabels can be imported"
+            )
+        # choices, textarea, ratings: not regions
 
 
-def _polygon_mask(reg: dict, h: int, w: int, where: str) -> tuple[str, np.ndarray]:
+def _check_size(reg: dict, h: int, w: int, where: str) -> None:
     ow, oh = reg.get("original_width"), reg.get("original_height")
     if isinstance(ow, (int, float)) and isinstance(oh, (int, float)) and (int(ow), int(oh)) != (w, h):
         raise DatasetError(f"{where}: drawn on a {int(ow)}x{int(oh)} image but the captured image is {w}x{h}")
-    value = reg.get("value")
-    labels = value.get("polygonlabels") if isinstance(value, dict) else None
+
+
+def _one_label(value: Any, key: str, where: str) -> str:
+    labels = value.get(key) if isinstance(value, dict) else None
     if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
-        raise DatasetError(f"{where}: a polygon needs exactly one label in value.polygonlabels")
+        raise DatasetError(f"{where}: a region needs exactly one label in value.{key}")
+    return labels[0]
+
+
+def _brush_mask(reg: dict, h: int, w: int, where: str) -> tuple[str, np.ndarray]:
+    _check_size(reg, h, w, where)
+    value = reg.get("value")
+    label = _one_label(value, "brushlabels", where)
+    if value.get("format", "rle") != "rle" or "rle" not in value:
+        raise DatasetError(f"{where}: a brushlabels region needs value.rle (Label Studio's brush RLE)")
+    return label, brush_rle_decode(value["rle"], h, w, where)
+
+
+def _polygon_mask(reg: dict, h: int, w: int, where: str) -> tuple[str, np.ndarray]:
+    _check_size(reg, h, w, where)
+    value = reg.get("value")
+    label = _one_label(value, "polygonlabels", where)
     pts = value.get("points")
     if not isinstance(pts, list) or len(pts) < 3 or not all(_is_point(p) for p in pts):
         raise DatasetError(f"{where}: value.points must be at least 3 [x, y] pairs (percent of the image size)")
@@ -228,7 +346,7 @@ def _polygon_mask(reg: dict, h: int, w: int, where: str) -> tuple[str, np.ndarra
             f"{where}: polygon points must be percentages in [0, 100], got range {arr.min():.1f}..{arr.max():.1f}"
         )
     arr = np.clip(arr, 0, 100) / 100.0 * np.array([w, h])
-    return labels[0], rasterize_polygon(arr.reshape(-1).tolist(), h, w)
+    return label, rasterize_polygon(arr.reshape(-1).tolist(), h, w)
 
 
 def _is_point(p: Any) -> bool:

@@ -42,6 +42,17 @@ NAMESPACE = "segloop"
 STATE_KEY = "monitor/state.json"
 
 
+class LabelStudioSource(BaseModel):
+    """A Label Studio project whose finished annotations count as new samples (``queue push`` fills it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="the Label Studio server; API key from LABEL_STUDIO_API_KEY in the actor's env")
+    project: str = Field(min_length=3, description="the project's title")
+    split: Optional[str] = Field(None, description="the split pulled annotations go to (default train/trainval)")
+    interval_s: float = Field(30.0, gt=0, description="how often the project is read")
+
+
 class MonitorConfig(BaseModel):
     """Everything the monitoring actor needs (YAML + key=value overrides)."""
 
@@ -69,6 +80,11 @@ class MonitorConfig(BaseModel):
     # retraining
     dataset_name: str = "pets"
     min_new_samples: int = Field(20, ge=1)
+    label_studio: Optional[LabelStudioSource] = Field(
+        None,
+        description="when min_new_samples annotations not in the dataset are finished in this project, pull "
+        "them into a new version (which then triggers retraining)",
+    )
     schedule_interval_s: Optional[float] = Field(None, gt=0, description="retrain every N seconds regardless")
     schedule_cron: Optional[str] = Field(None, description="retrain on a cron schedule, e.g. '0 3 * * *'")
     train_config: str = Field("configs/pets.yaml", description="config file the retraining job uses")
@@ -241,6 +257,7 @@ class Monitor:
         actions += self.follow_jobs(now)
         actions += self.record_pending_decisions(now)
         if not self.active_job():
+            actions.append(self.maybe_pull(now))
             actions += self.maybe_retrain(now)
         actions.append(self.maybe_prune(now))
         self.state["engine"] = self.engine.to_dict()
@@ -293,6 +310,34 @@ class Monitor:
         totals = self.state["totals"]
         totals["captures_pruned"] = totals.get("captures_pruned", 0) + len(result.deleted)
         return {"action": "retention", "deleted": len(result.deleted), "kept_in_use": result.kept_in_use}
+
+    def maybe_pull(self, now: float) -> dict:
+        """Pull the Label Studio project's finished annotations into a new dataset version once
+        ``min_new_samples`` of them are not in the dataset (an error: reported, tried again later)."""
+        from dataplane.annotation.ls_project import LabelStudioTarget, pull
+
+        src = self.cfg.label_studio
+        seen = self.state.get("label_studio") or {}
+        if src is None or now - seen.get("checked", 0.0) < src.interval_s:
+            return {}
+        seen = {**seen, "checked": now}
+        self.state["label_studio"] = seen
+        try:
+            target = LabelStudioTarget(src.url, src.project)
+            manifest, status = pull(
+                self.store, target, self.cfg.dataset_name, split=src.split, min_finished=self.cfg.min_new_samples
+            )
+        except Exception as err:  # noqa: BLE001 - a malformed annotation or an outage: said once, retried
+            msg = f"{type(err).__name__}: {err}"
+            if seen.get("error") != msg:
+                log.warning("cannot pull from Label Studio project %r: %s", src.project, msg)
+            self.state["label_studio"] = {**seen, "error": msg}
+            return {}
+        self.state["label_studio"] = {**seen, "error": None, "finished": status.finished, "waiting": status.waiting}
+        if manifest is None:
+            return {}
+        added = len(manifest.notes.get("import", {}).get("captures", []))
+        return {"action": "pull", "version": manifest.version, "samples": added, "project": status.project_id}
 
     # -- retraining
     def active_job(self) -> dict | None:
@@ -522,6 +567,7 @@ class Monitor:
             "jobs": self.state["jobs"][-5:],
             "decisions": self.state["decisions"][-5:],
             "totals": self.state["totals"],
+            "label_studio": self.state.get("label_studio"),
         }
 
     def run_forever(self) -> None:
@@ -593,6 +639,12 @@ def _dashboard_url() -> str:
     ctx = ray.get_runtime_context()
     url = getattr(ctx, "dashboard_url", None) or ray._private.worker.global_worker.node.webui_url
     return url if url.startswith("http") else f"http://{url}"
+
+
+def _label_studio_env() -> dict[str, str]:
+    """The Label Studio API key, for the actor only (retraining jobs do not need it)."""
+    key = os.environ.get("LABEL_STUDIO_API_KEY")
+    return {"LABEL_STUDIO_API_KEY": key} if key else {}
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -672,7 +724,10 @@ def start(config: dict[str, Any], restart: bool = False) -> Any:
         max_concurrency=4,
     )(MonitorActor)
     handle = actor_cls.options(
-        name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", runtime_env={"env_vars": _forwarded_env()}
+        name=ACTOR_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        runtime_env={"env_vars": {**_forwarded_env(), **_label_studio_env()}},
     ).remote(config)
     ray.get(handle.status.remote(), timeout=120)  # a constructor error (store unreachable) surfaces here
     return handle

@@ -6,7 +6,7 @@
     segloop tune --config configs/tune_pets.yaml [--num-samples N]
     segloop serve deploy|switch|status
     segloop monitor start|status|stop --config configs/monitor.yaml
-    segloop queue list|export|import|simulate
+    segloop queue list|export|push|pull|label-studio|import|simulate
     segloop versions list|show|create|diff|materialize|verify
 
 Each subcommand has ``--help``. Exit codes are the same everywhere: 0 ok, 1 a service (object
@@ -39,7 +39,10 @@ COMMANDS: dict[str, Command] = {
     "tune": Command("tune.__main__", "search hyperparameters with Ray Tune (ASHA)"),
     "serve": Command("monitoring.serving", "deploy the Serve app, switch its model, show what it serves"),
     "monitor": Command("monitoring.actor", "start, inspect or stop the monitoring actor"),
-    "queue": Command("segloop.queue", "the annotation queue: list, export (selection strategies), import, simulate"),
+    "queue": Command(
+        "segloop.queue",
+        "the annotation queue: list, export (selection strategies), push|pull (Label Studio), import, simulate",
+    ),
     "versions": Command("dataplane.versions", "immutable dataset versions: list, show, create, diff, materialize"),
 }
 

@@ -11,6 +11,10 @@ truth -> new dataset version -> the actor submits retraining as a Ray
 job -> v2 is compared with v1 on the same held-out data and promoted -> Serve follows the
 alias -> confidence on shifted traffic recovers. Ends with a summary table and the URLs.
 ``--task coco`` runs the same loop for instance segmentation (:mod:`segloop.demo_tasks`).
+``--label-studio [URL]`` sends the batch to Label Studio instead (a local server from
+``.venv-labelstudio`` unless a URL is given): a person annotates it there, or
+``--simulate-annotator`` submits the ground truth through Label Studio's API, and the
+monitoring actor pulls the finished annotations into the new version itself.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 from dataplane.annotation.selection import DEFAULT_STRATEGY, STRATEGIES
 from segloop.demo_tasks import TASKS, DemoTask, demo_task
+from segloop.errors import SegloopError, StoreError, exit_code
 
 APP = "segloop"
 
@@ -125,6 +130,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "own mount namespace (root), an S3 server and a real MLflow server (make demo-cluster)",
     )
     p.add_argument(
+        "--label-studio",
+        nargs="?",
+        const="local",
+        metavar="URL",
+        help="annotate in Label Studio: start a local one (.venv-labelstudio, data in <data-dir>/label-studio), "
+        "or use the server at URL (API key from LABEL_STUDIO_API_KEY); the monitoring actor pulls the "
+        "finished annotations and retrains",
+    )
+    p.add_argument(
+        "--simulate-annotator",
+        action="store_true",
+        help="with --label-studio: submit the ground truth through Label Studio's API; without it the demo "
+        "waits for a person to annotate the batch there",
+    )
+    p.add_argument(
         "--stay",
         type=float,
         default=0,
@@ -133,6 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "in the dashboards (-1: until Ctrl-C); everything stops when the demo exits",
     )
     args = p.parse_args(argv)
+    if args.simulate_annotator and not args.label_studio:
+        p.error("--simulate-annotator goes with --label-studio (without it the demo's annotator is simulated anyway)")
     sizes = demo_task(args.task).sizes
     for key in ("size", "n", "shift_n", "epochs", "annotate"):
         value = getattr(args, key)
@@ -169,6 +191,8 @@ class Demo:
     latest: Any = None
     champion: str | None = None
     sim: Any = None  # segloop.simcluster.SimCluster with --cluster
+    ls_server: Any = None  # dataplane.annotation.ls_server.LocalLabelStudio with --label-studio
+    ls_target: Any = None  # dataplane.annotation.ls_project.LabelStudioTarget with --label-studio
 
     def status(self) -> dict[str, Any]:
         import ray
@@ -303,6 +327,8 @@ def step_monitor(d: Demo, retrain_yaml: Path) -> None:
         "min_new_samples": d.args.annotate, "train_config": str(retrain_yaml), "registered_model": d.t.registered_model,
         "data_dir": str(d.data), "dashboard_url": d.dashboard,
     }  # fmt: skip
+    if d.ls_target is not None:
+        config["label_studio"] = {"url": d.ls_target.url, "project": d.ls_target.project, "interval_s": 2}
     d.monitor = actor.start(config, restart=True)
     time.sleep(6)  # the actor's first read sets its baseline
 
@@ -377,11 +403,42 @@ def step_annotate(d: Demo) -> None:
     held_out = random.Random(0).sample(rest, min(16, len(rest)))
     test_dir = simulate_annotation(d.store, held_out, truth, d.data / "annot_test")
     v_test = import_annotations(d.store, t.name, d.v0.version, test_dir, split=t.holdout_split)
+    if d.ls_target is not None:
+        annotate_in_label_studio(d, chosen, truth)
+        return
     train_dir = simulate_annotation(d.store, chosen.records, truth, d.data / "annot_train")
     v_new = import_annotations(d.store, t.name, v_test.version, train_dir, split=t.train_split)
     print(
         f"{t.name}@{v_new.version} (parent {v_new.parent}): {sum(len(s) for s in v_new.splits.values())} samples; "
         f"latest is {latest_version(d.store, t.name).version}"
+    )
+
+
+def annotate_in_label_studio(d: Demo, chosen: Any, truth: Any) -> None:
+    """Push the batch to Label Studio; the simulated annotator (or a person) annotates it there."""
+    from dataplane.annotation.ls_project import push
+    from dataplane.annotation.ls_server import wait_until_up
+    from dataplane.annotation.simulate import annotate_in_label_studio as annotate
+
+    if d.ls_server is not None:
+        wait_until_up(d.ls_server)
+    scores = {r.id: p.uncertainty for r, p in zip(chosen.records, chosen.picks)}
+    res = push(d.store, d.ls_target, chosen.records, scores)
+    print(
+        f"pushed {len(res.added)} tasks, most useful first, to Label Studio project {res.project_id}: {res.project_url}"
+    )
+    if d.args.simulate_annotator:
+        n = annotate(d.ls_target.client(), res.project_id, d.store, truth)
+        print(f"the simulated annotator submitted {n} annotations through Label Studio's API")
+        return
+    login = (
+        f"log in as {d.ls_server.username} (password in {d.ls_server.data_dir / 'credentials.json'})"
+        if d.ls_server is not None
+        else "log in with your account"
+    )
+    print(
+        f"annotate them at {res.project_url} ({login}); when all {len(res.added)} are submitted the monitoring "
+        "actor pulls them into a new dataset version and retrains"
     )
 
 
@@ -398,8 +455,42 @@ def preannotation_line(batch: Any) -> str:
     )
 
 
+def wait_for_annotations(d: Demo) -> None:
+    """Until the monitoring actor has pulled the batch from Label Studio: a line per change in progress."""
+    want, shown = d.args.annotate, [None]
+
+    def pulled() -> bool:
+        ls = d.status().get("label_studio") or {}
+        now = (ls.get("finished"), ls.get("error"))
+        if now != shown[0] and ls.get("finished") is not None:
+            print(
+                f"  {ls['finished']}/{want} annotated in Label Studio"
+                + (f" ({ls['error']})" if ls.get("error") else "")
+            )
+            shown[0] = now
+        return bool(d.status()["jobs"])  # the pull's new version is submitted in the same tick
+
+    timeout = d.args.timeout if d.args.simulate_annotator else 7 * 86400.0
+    if not wait_until(pulled, timeout, every_s=2):
+        raise DemoFailed(f"the batch was not annotated and pulled within {timeout:g} s")
+    from dataplane.versions import latest_version
+
+    v = latest_version(d.store, d.t.name)
+    pulled_n = len(v.notes.get("import", {}).get("captures", []))
+    print(
+        f"pulled {pulled_n} annotations: {d.t.name}@{v.version} (parent {v.parent}), {v.notes.get('import', {}).get('from')}"
+    )
+
+
 def step_retrain(d: Demo) -> None:
-    say("10. retrain", "the monitoring actor sees >= min_new_samples new samples and submits a Ray job")
+    if d.ls_target is not None:
+        say(
+            "10. pull and retrain",
+            "the monitoring actor pulls the finished annotations into a new version, then submits a Ray job",
+        )
+        wait_for_annotations(d)
+    else:
+        say("10. retrain", "the monitoring actor sees >= min_new_samples new samples and submits a Ray job")
     done = ("SUCCEEDED", "FAILED", "STOPPED")
     ok = wait_until(lambda: any(j["status"] in done for j in d.status()["jobs"]), d.args.timeout, every_s=5)
     jobs = d.status()["jobs"]
@@ -502,6 +593,12 @@ def main(argv: list[str] | None = None) -> int:
     # does not warn about it; RAY_AUTH_MODE=disabled from the environment still wins.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     d = Demo(args, data, demo_task(args.task))
+    if args.label_studio:
+        try:
+            start_label_studio(d)
+        except SegloopError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return exit_code(err)
     if args.cluster:
         from segloop.simcluster import Unavailable
 
@@ -515,10 +612,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_loop(d, t_start)
     finally:
+        if d.ls_server is not None:
+            d.ls_server.stop()
         if d.sim is not None:
             from segloop import simcluster
 
             simcluster.stop(d.sim)
+
+
+def start_label_studio(d: Demo) -> None:
+    """Label Studio for the annotation step: launched now (its first start takes ~30 s, hidden
+    behind training), or the server the user named (API key from LABEL_STUDIO_API_KEY)."""
+    from dataplane.annotation.ls_project import LabelStudioTarget
+    from dataplane.annotation.ls_server import launch_label_studio
+
+    project = f"segloop demo ({d.args.task})"
+    if d.args.label_studio == "local":
+        d.ls_server = launch_label_studio(d.data / "label-studio")
+        os.environ["LABEL_STUDIO_API_KEY"] = d.ls_server.api_key  # the monitoring actor pulls with it
+        d.ls_target = LabelStudioTarget(d.ls_server.url, project, api_key=d.ls_server.api_key)
+    else:
+        d.ls_target = LabelStudioTarget(d.args.label_studio, project)
+        try:
+            d.ls_target.client()  # a refused key is said now, not after training
+        except StoreError as err:
+            print(f"warning: {err}; trying again at the annotation step", file=sys.stderr)
 
 
 def start_sim(data: Path) -> Any:

@@ -76,13 +76,20 @@ _LABEL_STUDIO: dict = {}
 
 
 @pytest.fixture(scope="session")
-def label_studio():
-    """The session's Label Studio server (LocalLabelStudio: url, api_key), up and answering."""
-    from dataplane.annotation.ls_server import wait_until_up
-
+def label_studio_launched():
+    """The session's Label Studio server, possibly still starting (for a test that waits later)."""
     server = _LABEL_STUDIO.get("server")
     if server is None:
         pytest.fail(_LABEL_STUDIO.get("error", "Label Studio was not started (no test marked labelstudio?)"))
+    return server
+
+
+@pytest.fixture(scope="session")
+def label_studio(label_studio_launched):
+    """The session's Label Studio server (LocalLabelStudio: url, api_key), up and answering."""
+    from dataplane.annotation.ls_server import wait_until_up
+
+    server = label_studio_launched
     wait_until_up(server, timeout_s=240, quiet=True)
     yield server
     server.stop()

@@ -64,8 +64,12 @@ def has_data(series: list[dict]) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.own_ray_cluster
-def test_demo_loop_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.labelstudio
+def test_demo_loop_end_to_end(tmp_path: Path, label_studio_launched) -> None:
+    """The loop with a person's step done in Label Studio: the batch is pushed to the session's
+    Label Studio server, annotated through its API, and pulled by the monitoring actor."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "SEGLOOP_STORE")}
+    env["LABEL_STUDIO_API_KEY"] = label_studio_launched.api_key
     prom_dir = tmp_path / "prometheus"
     prom_dir.mkdir()
     with run_prometheus(prometheus_config(prom_dir), prom_dir) as prom:
@@ -90,6 +94,9 @@ def test_demo_loop_end_to_end(tmp_path: Path) -> None:
                 "900",
                 "--stay",
                 "15",
+                "--label-studio",
+                label_studio_launched.url,
+                "--simulate-annotator",
             ],  # > Ray's 10 s metrics report period: the last totals reach Prometheus
             capture_output=True,
             text=True,
@@ -102,6 +109,9 @@ def test_demo_loop_end_to_end(tmp_path: Path) -> None:
         assert out.returncode == 0, log[-6000:]
         assert "alert FIRED" in log, log[-6000:]
         assert "400 empty_body, 400 not_an_image, 400 truncated" in log, log[-6000:]
+        assert re.search(r"pushed 40 tasks, most useful first, to Label Studio project \d+", log), log[-6000:]
+        assert "the simulated annotator submitted 40 annotations through Label Studio's API" in log, log[-6000:]
+        assert re.search(r"pulled 40 annotations: pets@\w+ .*Label Studio project \d+", log), log[-6000:]
         assert re.search(r"job \S+: SUCCEEDED on pets@", log), log[-6000:]
         assert re.search(r"failed requests: 0\b", log)
         m = re.search(r"\| held-out score \(same data\) \| ([0-9.]+) \| ([0-9.]+) \|", log)

@@ -390,8 +390,14 @@ def step_annotate(d: Demo) -> None:
     say(
         "9. annotate and version",
         f"the annotation queue picks {spec.budget} captures by {spec.strategy} ({spec.score}, embeddings of the "
-        "serving model) and writes them with the model's predictions as pre-annotations; a simulated annotator "
-        f"labels them (ground truth from the generator); 16 others, at random, go to the held-out split",
+        "serving model) and writes them with the model's predictions as pre-annotations; "
+        + (
+            "they go to Label Studio, where "
+            + ("a simulated annotator submits the ground truth" if d.args.simulate_annotator else "you annotate them")
+            if d.ls_target is not None
+            else "a simulated annotator labels them"
+        )
+        + " (ground truth from the generator); 16 others, at random, go to the held-out split (simulated)",
     )
     truth = truth_from_dataset(d.shifted)
     unique = unique_captures(d.store)
@@ -568,6 +574,8 @@ def step_summary(d: Demo, t_start: float) -> None:
         )
     )
     print(f"Ray dashboard: {d.dashboard}\nMLflow UI: {ui}\nServe: {d.url}/predict")
+    if d.ls_target is not None:
+        print(f"Label Studio: {d.ls_target.url} (project {d.ls_target.project!r})")
 
 
 def stay(seconds: float) -> None:

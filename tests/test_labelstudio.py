@@ -5,6 +5,7 @@ annotator would, pull the finished annotations into a new dataset version.
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import numpy as np
@@ -111,17 +112,29 @@ def test_push_annotate_pull_through_a_real_label_studio(label_studio, s3_server,
     assert again_v is None and again_status.finished == 0 and again_status.waiting == 2
     assert latest_version(store, "pets").version == v1.version
 
-    # Second round: the untouched task annotated properly, the skipped one with a cut-off brush RLE.
-    annotate(ls, untouched["id"], truth[untouched["data"]["capture_id"]])
+    # Second round: the skipped task with a cut-off brush mask (malformed), the untouched one with
+    # only its border painted (partial): both named by task id, nothing written.
     bad = lsfmt.semantic_brush_regions(truth[skipped["data"]["capture_id"]], 48, 48)
     bad[0]["value"]["rle"] = bad[0]["value"]["rle"][:20]
     ls.annotations.create(id=skipped["id"], result=bad, was_cancelled=False)
+    partial = [r for r in lsfmt.semantic_brush_regions(truth[untouched["data"]["capture_id"]], 48, 48)]
+    partial = [r for r in partial if r["value"]["brushlabels"] == ["border"]]
+    ls.annotations.create(id=untouched["id"], result=partial, was_cancelled=False)
     with pytest.raises(DatasetError) as err:
         pull(store, target, "pets")
     msg = str(err.value)
-    assert f"task {skipped['id']}" in msg and "cut short" in msg and "nothing was written" in msg
-    assert f"task {untouched['id']}" not in msg
+    assert "2 problem(s), nothing was written" in msg
+    assert f"task {skipped['id']}): result[0]: brush RLE is cut short" in msg
+    assert f"task {untouched['id']}): no pet painted" in msg
     assert latest_version(store, "pets").version == v1.version
+
+    # Third round: both corrected (the last annotation counts) -> the next version, exact.
+    for t in (skipped, untouched):
+        annotate(ls, t["id"], truth[t["data"]["capture_id"]])
+    v2, status = pull(store, target, "pets")
+    assert v2 is not None and v2.parent == v1.version and status.finished == 2 and status.waiting == 0
+    got = version_trimaps(store, v2, tmp_path)
+    assert set(truth) <= set(got) and all((got[cid] == truth[cid]).all() for cid in truth)
 
 
 def test_cli_push_pull_with_the_local_store(label_studio, pets, tmp_path, monkeypatch, capsys):
@@ -164,3 +177,91 @@ def test_cli_push_pull_with_the_local_store(label_studio, pets, tmp_path, monkey
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0" * 40)
     assert q.main(pull_argv) == 2
     assert "refused the API key" in capsys.readouterr().err
+
+
+def test_instance_push_annotate_pull_is_exact(label_studio, tmp_path):
+    """COCO categories as brush labels; the annotator's instance masks come back pixel for pixel."""
+    from pycocotools import mask as mask_utils
+
+    from dataplane.annotation.simulate import annotate_in_label_studio
+    from tests.test_queue import capture_shapes
+    from train.data.synth import generate_coco
+
+    shapes = generate_coco(tmp_path / "shapes", n=6, seed=4, size=64)
+    store = LocalStore(tmp_path / "store")
+    create_version(store, "shapes", shapes, "instance")
+    ann = capture_shapes(store, shapes, 3)
+    target = target_for(label_studio)
+    res = push(store, target, q.list_captures(store))
+    assert len(res.added) == 3
+    ls = target.client()
+    config = ls.projects.get(id=res.project_id).label_config
+    assert all(f'value="{c["name"]}"' in config for c in ann["categories"])
+    assert annotate_in_label_studio(ls, res.project_id, store, q.truth_from_dataset(shapes)) == 3
+    child, status = pull(store, target, "shapes")
+    assert child is not None and status.finished == 3
+
+    out = materialize(store, child, tmp_path / "child")
+    merged = json.loads((out / "annotations" / "instances_train.json").read_text())
+    cats = {c["id"]: c["name"] for c in merged["categories"]}
+    truth = q.truth_from_dataset(shapes)
+    pulled = [im for im in merged["images"] if "capture_id" in im]
+    assert len(pulled) == 3
+    for im in pulled:
+        got = sorted(
+            (cats[a["category_id"]], mask_utils.decode(a["segmentation"]).tobytes())
+            for a in merged["annotations"]
+            if a["image_id"] == im["id"]
+        )
+        want = sorted(
+            (t["category"], coco_mask(t["segmentation"]).tobytes())
+            for t in truth(q.get_capture(store, im["capture_id"]))
+        )
+        assert got and got == want, f"capture {im['capture_id']}: pulled instances differ from the ground truth"
+
+
+def coco_mask(segmentation) -> np.ndarray:
+    """A generated COCO segmentation (polygons or RLE) as a 64x64 mask, with pycocotools."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.frPyObjects(segmentation, 64, 64)
+    return mask_utils.decode(mask_utils.merge(rle) if isinstance(rle, list) else rle)
+
+
+def test_monitor_pulls_when_enough_annotations_are_finished(label_studio, pets, tmp_path, monkeypatch):
+    """The min_new_samples rule counts finished Label Studio annotations; a malformed one is reported once."""
+    from monitoring.actor import Monitor
+
+    store = LocalStore(tmp_path / "store")
+    parent = create_version(store, "pets", pets, "semantic")
+    ids = capture_pets(store, pets, {n: 0.1 * (i + 1) for i, n in enumerate(pet_names(pets)[:3])})
+    truth = {cid: trimap_of(pets, name) for name, cid in ids.items()}
+    target = target_for(label_studio)
+    res = push(store, target, q.list_captures(store))
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.api_key)
+    m = Monitor(
+        {
+            "store": {"kind": "local", "root": str(store.root)},
+            "data_dir": str(tmp_path),
+            "dataset_name": "pets",
+            "min_new_samples": 2,
+            "label_studio": {"url": label_studio.url, "project": target.project, "interval_s": 1},
+        }
+    )
+    ls = target.client()
+    tasks = project_tasks(ls, res.project_id)
+    annotate(ls, tasks[0]["id"], truth[tasks[0]["data"]["capture_id"]])
+    assert m.maybe_pull(now=10.0) == {} and m.state["label_studio"]["finished"] == 1
+    assert latest_version(store, "pets").version == parent.version
+    annotate(ls, tasks[1]["id"], truth[tasks[1]["data"]["capture_id"]])
+    assert m.maybe_pull(now=10.5) == {}  # read at most every interval_s
+    act = m.maybe_pull(now=11.0)
+    assert act["action"] == "pull" and act["samples"] == 2
+    assert latest_version(store, "pets").version == act["version"] != parent.version
+    # a malformed annotation: no version, the error kept in the state (and logged once), retried later
+    ls.annotations.create(id=tasks[2]["id"], result=[{"type": "brushlabels", "value": {"brushlabels": ["pet"]}}])
+    m.cfg.min_new_samples = 1
+    assert m.maybe_pull(now=20.0) == {}
+    assert f"task {tasks[2]['id']}" in m.state["label_studio"]["error"]
+    assert "needs value.rle" in m.status()["label_studio"]["error"]
+    assert latest_version(store, "pets").version == act["version"]

@@ -372,14 +372,14 @@ def test_import_failing_part_way_leaves_no_version(tmp_path, pets):
     assert verify_version(store, child) == []
 
 
-def test_instance_round_trip_through_coco(tmp_path, shapes):
-    store = LocalStore(tmp_path / "s")
-    parent = create_version(store, "shapes", shapes, "instance")
+def capture_shapes(store, shapes: Path, n: int) -> dict:
+    """Serve-like instance records (prediction = the ground truth, score 0.6) of the first ``n``
+    training images; -> the dataset's COCO JSON."""
     ann = json.loads((shapes / "annotations" / "instances_train.json").read_text())
     cats = {c["id"]: c["name"] for c in ann["categories"]}
     class_names = ["background"] + [cats[i] for i in sorted(cats)]
     with Capturer(store, "all") as cap:
-        for k, im in enumerate(ann["images"][:3]):
+        for k, im in enumerate(ann["images"][:n]):
             insts = []
             for a in ann["annotations"]:
                 if a["image_id"] != im["id"] or a["iscrowd"]:
@@ -408,6 +408,14 @@ def test_instance_round_trip_through_coco(tmp_path, shapes):
             }
             cap.offer((shapes / "images" / "train" / im["file_name"]).read_bytes(), None, rec)
         assert cap.flush(20)
+    return ann
+
+
+def test_instance_round_trip_through_coco(tmp_path, shapes):
+    store = LocalStore(tmp_path / "s")
+    parent = create_version(store, "shapes", shapes, "instance")
+    ann = capture_shapes(store, shapes, 3)
+    cats = {c["id"]: c["name"] for c in ann["categories"]}
     res = q.export(store, tmp_path / "out", top=3)
     assert res.task == "instance" and res.trimaps is None
     tasks = json.loads(res.label_studio.read_text())

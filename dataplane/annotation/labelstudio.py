@@ -277,6 +277,11 @@ def regions_to_trimap(result: list, h: int, w: int, where: str) -> np.ndarray:
             drew_border = True
         else:
             raise DatasetError(f"{where}: result[{k}] has unknown class {label!r} (known: pet, background, border)")
+    if not pet.any():
+        raise DatasetError(
+            f"{where}: no pet painted (an Oxford trimap needs the pet; skip the task in Label Studio "
+            "if the image shows none)"
+        )
     if not drew_border:
         return trimap_from_pet_mask(pet)
     trimap = np.where(pet, 1, 2).astype(np.uint8)

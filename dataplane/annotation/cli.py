@@ -315,8 +315,14 @@ def _cmd_pull(store: ObjectStore, args: argparse.Namespace) -> None:
 
 
 def _cmd_label_studio(args: argparse.Namespace) -> int:
+    import signal
+
     from dataplane.annotation.ls_server import start_label_studio
 
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # `kill` stops the server too, as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     server = start_label_studio(args.data_dir, port=args.port)
     print(
         f"Label Studio: {server.url}  (log in as {server.username}; the password and API key are in "

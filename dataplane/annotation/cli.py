@@ -288,7 +288,7 @@ def _cmd_push(store: ObjectStore, args: argparse.Namespace, rescorer_factory: Op
         skip=frozenset(present),
     )
     scores = {r.id: p.uncertainty for r, p in zip(chosen.records, chosen.picks)}
-    res = push(store, target, chosen.records, scores)
+    res = push(store, target, chosen.records, scores, ls=ls)
     for prob in chosen.problems + res.problems:
         print(f"warning: left out: {prob}", file=sys.stderr)
     print(

@@ -114,14 +114,14 @@ def export(
         raise DatasetError(
             f"no captures to export from {store.describe()} (filters: task={task}, model_version={model_version})"
         )
-    task, class_names = _common_task(records)
+    task, class_names = common_task(records)
     out = _prepare_export_dir(Path(out_dir))
     (out / "images").mkdir()
     trimap_dir = out / "trimaps" if task == "semantic" else None
     if trimap_dir is not None:
         trimap_dir.mkdir()
 
-    items, problems = _load_items(store, records, task, class_names)
+    items, problems = load_items(store, records, task, class_names)
     problems = (chosen.problems if chosen is not None else []) + problems
     for item in items:
         (out / "images" / item.file).write_bytes(item.image.data)
@@ -165,7 +165,7 @@ def select_batch(
     return select_captures(candidates, spec, labelled, rescore, rescore.dataset(exclude) if embed else None)
 
 
-def _common_task(records: Sequence[CaptureRecord]) -> tuple[str, list[str]]:
+def common_task(records: Sequence[CaptureRecord]) -> tuple[str, list[str]]:
     """The one task and class list all records share (DatasetError when they differ)."""
     tasks = sorted({str(r.task) for r in records})
     if len(tasks) > 1:
@@ -194,7 +194,7 @@ def _prepare_export_dir(out: Path) -> Path:
     return out
 
 
-def _load_items(
+def load_items(
     store: ObjectStore, records: Sequence[CaptureRecord], task: str, class_names: list[str]
 ) -> tuple[list[ExportItem], list[str]]:
     """``(items, problems)``: every record that loads, in order; the errors of the others."""
@@ -277,5 +277,10 @@ def _write_index(
         "captures": [dict(item.rec.summary(), file=item.file, **_why(chosen, item.rec.id)) for item in items],
     }
     path.write_text(json.dumps(index, indent=1))
-    # the store keeps a record of what went to annotators: retention never deletes those captures
-    store.put_json(f"{EXPORTS_PREFIX}{index['created'].replace(':', '')}-{uuid.uuid4().hex[:8]}.json", index)
+    record_export(store, index)
+
+
+def record_export(store: ObjectStore, index: dict[str, Any], kind: str = "") -> None:
+    """Keep what went to annotators in the store: retention never deletes those captures."""
+    stamp = index["created"].replace(":", "")
+    store.put_json(f"{EXPORTS_PREFIX}{stamp}-{kind + '-' if kind else ''}{uuid.uuid4().hex[:8]}.json", index)

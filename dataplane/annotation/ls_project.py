@@ -21,16 +21,15 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from dataplane.annotation import labelstudio
-from dataplane.annotation.exporter import ExportItem, _common_task, _load_items
+from dataplane.annotation.exporter import ExportItem, common_task, load_items, record_export
 from dataplane.annotation.records import CaptureRecord, iso, sample_names
-from dataplane.store import EXPORTS_PREFIX, LocalStore, ObjectStore, S3Store, s3_credentials
+from dataplane.store import LocalStore, ObjectStore, S3Store, s3_credentials
 from segloop.errors import ConfigError, DatasetError, StoreError
 
 if TYPE_CHECKING:
@@ -209,6 +208,7 @@ def push(
     target: LabelStudioTarget,
     records: Sequence[CaptureRecord],
     uncertainty: Optional[Mapping[str, float]] = None,
+    ls: Any = None,
 ) -> PushResult:
     """Add ``records`` (most useful first) to the project as tasks with brush pre-annotations.
 
@@ -217,15 +217,15 @@ def push(
     """
     if not records:
         raise DatasetError("nothing to push: the selection chose no captures")
-    task, class_names = _common_task(records)
+    task, class_names = common_task(records)
     labels = labelstudio.export_labels(task, class_names)
-    ls = target.client()
+    ls = ls or target.client()
     project = ensure_project(ls, target.project, labelstudio.label_studio_config(labels))
     url_of = image_url_for(ls, project, store, target)
     present = {str((t.get("data") or {}).get("capture_id")) for t in project_tasks(ls, project.id)}
     new = [r for r in records if r.id not in present]
     already = [r.id for r in records if r.id in present]
-    items, problems = _load_items(store, new, task, class_names) if new else ([], [])
+    items, problems = load_items(store, new, task, class_names) if new else ([], [])
     scores = dict(uncertainty or {})
     tasks = []
     for rank, item in enumerate(items, 1):
@@ -260,18 +260,17 @@ def _image_key(store: ObjectStore, item: ExportItem) -> str:
 def _record(
     store: ObjectStore, target: LabelStudioTarget, project_id: int, task: str, class_names: list[str], items: list
 ) -> None:
-    """What went to annotators, as an export record: retention never deletes those captures."""
-    now = iso(_dt.datetime.now(_dt.UTC))
+    """What went to annotators, as an export record (the same one ``queue export`` writes)."""
     index = {
         "format": 1,
         "store": store.describe(),
         "task": task,
         "class_names": class_names,
-        "created": now,
+        "created": iso(_dt.datetime.now(_dt.UTC)),
         "label_studio": {"url": target.url, "project": project_id},
         "captures": [dict(i.rec.summary(), file=i.file) for i in items],
     }
-    store.put_json(f"{EXPORTS_PREFIX}{now.replace(':', '')}-labelstudio-{uuid.uuid4().hex[:8]}.json", index)
+    record_export(store, index, "labelstudio")
 
 
 # ----------------------------------------------------------------------------- pull

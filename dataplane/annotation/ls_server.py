@@ -32,6 +32,7 @@ API_KEY_ENV = "LABEL_STUDIO_API_KEY"
 PASSWORD_ENV = "LABEL_STUDIO_PASSWORD"
 USERNAME = "segloop@localhost"
 VENV = ".venv-labelstudio"
+DATABASE = "label_studio.sqlite3"
 
 
 @dataclass
@@ -106,10 +107,14 @@ def start_label_studio(
 
 
 def launch_label_studio(data_dir: str | os.PathLike, port: Optional[int] = None) -> LocalLabelStudio:
-    """Start the server process and return at once (its first start migrates the database: ~30 s)."""
+    """Start the server process and return at once. A new data dir gets a copy of the venv's migrated
+    empty database when there is one; otherwise the first start migrates it (~30 s)."""
     exe = find_label_studio()
     data = Path(data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
+    template = exe.parent.parent / "template" / DATABASE  # migrated by `make label-studio-venv`
+    if not (data / DATABASE).exists() and template.is_file():
+        shutil.copyfile(template, data / DATABASE)  # starts in seconds instead of migrating for ~30 s
     key, password = credentials(data)
     port = port or free_port()
     env = {

@@ -393,11 +393,15 @@ def step_annotate(d: Demo) -> None:
         "serving model) and writes them with the model's predictions as pre-annotations; "
         + (
             "they go to Label Studio, where "
-            + ("a simulated annotator submits the ground truth" if d.args.simulate_annotator else "you annotate them")
+            + (
+                "a simulated annotator submits the ground truth (from the generator)"
+                if d.args.simulate_annotator
+                else "you annotate them"
+            )
             if d.ls_target is not None
-            else "a simulated annotator labels them"
+            else "a simulated annotator labels them (ground truth from the generator)"
         )
-        + " (ground truth from the generator); 16 others, at random, go to the held-out split (simulated)",
+        + "; 16 others, at random, go to the held-out split (labelled by the simulator)",
     )
     truth = truth_from_dataset(d.shifted)
     unique = unique_captures(d.store)

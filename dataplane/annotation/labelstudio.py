@@ -137,19 +137,8 @@ def instance_brush_regions(
 
 def brush_region(mask: np.ndarray, label: str, w: int, h: int, n: int, score: Optional[float]) -> dict[str, Any]:
     """A ``brushlabels`` region holding ``mask`` as Label Studio brush RLE."""
-    out = {
-        "id": f"b{n}",
-        "from_name": "brush",
-        "to_name": "image",
-        "type": "brushlabels",
-        "original_width": w,
-        "original_height": h,
-        "image_rotation": 0,
-        "value": {"format": "rle", "rle": brush_rle_encode(mask), "brushlabels": [label]},
-    }
-    if score is not None:
-        out["score"] = float(score)
-    return out
+    value = {"format": "rle", "rle": brush_rle_encode(mask), "brushlabels": [label]}
+    return _region("brush", "brushlabels", f"b{n}", w, h, value, score)
 
 
 def semantic_regions(trimap: np.ndarray, w: int, h: int) -> list[dict[str, Any]]:
@@ -179,22 +168,30 @@ def instance_regions(
 
 def region(points: np.ndarray, label: str, w: int, h: int, n: int, score: Optional[float]) -> dict[str, Any]:
     """A ``polygonlabels`` region; ``points`` in pixels, written as percentages."""
+    value = {
+        "points": [[round(float(x) / w * 100, 4), round(float(y) / h * 100, 4)] for x, y in points],
+        "polygonlabels": [label],
+        "closed": True,
+    }
+    return _region("label", "polygonlabels", f"r{n}", w, h, value, score)
+
+
+def _region(
+    from_name: str, rtype: str, rid: str, w: int, h: int, value: dict[str, Any], score: Optional[float]
+) -> dict[str, Any]:
+    """What every region of the exported config shares: its control, the image and its size."""
     out = {
-        "id": f"r{n}",
-        "from_name": "label",
+        "id": rid,
+        "from_name": from_name,
         "to_name": "image",
-        "type": "polygonlabels",
+        "type": rtype,
         "original_width": w,
         "original_height": h,
         "image_rotation": 0,
-        "value": {
-            "points": [[round(float(x) / w * 100, 4), round(float(y) / h * 100, 4)] for x, y in points],
-            "polygonlabels": [label],
-            "closed": True,
-        },
+        "value": value,
     }
     if score is not None:
-        out["score"] = score
+        out["score"] = float(score)
     return out
 
 
